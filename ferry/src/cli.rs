@@ -1,0 +1,74 @@
+//! The command line: what a newcomer sees in `ferry --help`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// ferry lets plain workloads reach services in other trust zones over SPIFFE mTLS, with no
+/// code change: an xDS server, a DNS resolver, a SPIFFE Workload API and an Istio-compatible
+/// sidecar proxy, configured from one YAML file of Cofide `FederatedService` objects.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
+    /// `info,xds=debug`. `RUST_LOG`, when set, wins.
+    #[arg(long, global = true, default_value = "info", env = "FERRY_LOG_LEVEL")]
+    pub log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// ferry's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect a config file without running anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run the control plane of a trust zone: Workload API + CA and the xDS server,
+    /// reloading the config file when it changes. Stops cleanly on SIGTERM/SIGINT.
+    Agent(AgentArgs),
+}
+
+/// `ferry config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file and print a summary: trust domains and every federated
+    /// service with its hostname, port, tlsMode and gateways. Exits non-zero on errors,
+    /// listing all of them with file:line:column.
+    Check(ConfigFile),
+    /// Print the loopback VIP allocated to every federated hostname.
+    Vips(ConfigFile),
+}
+
+/// A config file argument.
+#[derive(Debug, Args)]
+pub struct ConfigFile {
+    /// The ferry config (YAML, one AgentConfig plus FederatedService documents).
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry agent ...`
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The ferry config (YAML). Watched: edits take effect without restart; a bad edit is
+    /// logged and the last good config keeps serving.
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+}
