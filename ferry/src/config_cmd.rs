@@ -71,7 +71,7 @@ fn summary(c: &Config) -> String {
         "xds: {}  workload API: {}  dns: {}",
         a.listen.xds, a.listen.workload_api, a.listen.dns
     );
-    let _ = writeln!(s, "CA: {:?} in {}", a.ca.backend, a.ca.state_dir.display());
+    let _ = writeln!(s, "CA: {} in {}", a.ca.backend, a.ca.state_dir.display());
     let _ = writeln!(
         s,
         "registration entries:    {}",

@@ -145,6 +145,15 @@ pub enum CaBackend {
     Tpm,
 }
 
+impl fmt::Display for CaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CaBackend::Software => "software",
+            CaBackend::Tpm => "tpm",
+        })
+    }
+}
+
 /// The CA's settings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

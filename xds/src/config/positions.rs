@@ -71,7 +71,12 @@ pub fn index(src: &str) -> Result<Vec<DocPositions>, (Position, String)> {
 /// One open collection while walking the events.
 enum Frame {
     /// A mapping; `key` is the pending key, or `None` when the next scalar is a key.
-    Map { path: String, key: Option<String> },
+    /// `keys` counts keys seen so far.
+    Map {
+        path: String,
+        key: Option<String>,
+        keys: usize,
+    },
     /// A sequence and the index of its next item.
     Seq { path: String, next: usize },
 }
@@ -87,7 +92,7 @@ impl Receiver {
     fn next_path(&mut self) -> Option<String> {
         match self.stack.last_mut() {
             None => Some(String::new()),
-            Some(Frame::Map { path, key }) => {
+            Some(Frame::Map { path, key, .. }) => {
                 let k = key.take()?;
                 Some(if path.is_empty() {
                     k
@@ -123,8 +128,20 @@ impl MarkedEventReceiver for Receiver {
             Event::Scalar(value, ..) => match self.next_path() {
                 Some(path) => self.record(&path, mark),
                 None => {
-                    if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+                    if let Some(Frame::Map { path, key, keys }) = self.stack.last_mut() {
                         *key = Some(value);
+                        *keys += 1;
+                        // yaml-rust2 marks a block mapping's start after its first key; the
+                        // first key's own mark is where a reader sees the mapping begin.
+                        if *keys == 1
+                            && let Some(doc) = self.docs.last_mut()
+                            && let Some(pos) = doc.nodes.get_mut(path.as_str())
+                        {
+                            let m = Position::from(mark);
+                            if (m.line, m.column) < (pos.line, pos.column) {
+                                *pos = m;
+                            }
+                        }
                     }
                 }
             },
@@ -137,7 +154,11 @@ impl MarkedEventReceiver for Receiver {
                 // A complex (non-scalar) key gets no path of its own.
                 let path = self.next_path().unwrap_or_default();
                 self.record(&path, mark);
-                self.stack.push(Frame::Map { path, key: None });
+                self.stack.push(Frame::Map {
+                    path,
+                    key: None,
+                    keys: 0,
+                });
             }
             Event::SequenceStart(..) => {
                 let path = self.next_path().unwrap_or_default();
@@ -177,7 +198,7 @@ mod tests {
             }
         );
         // A missing field points at its parent.
-        assert_eq!(docs[0].find("b.d[0].zzz").line, 5);
+        assert_eq!(docs[0].find("b.d[0].zzz"), Position { line: 5, column: 7 });
         assert_eq!(docs[1].find("kind"), Position { line: 7, column: 7 });
     }
 

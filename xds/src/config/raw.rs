@@ -11,10 +11,12 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct RawAgentConfig {
+    /// Checked before deserializing; kept so `deny_unknown_fields` accepts it.
     #[allow(dead_code)]
-    pub api_version: String,
+    pub api_version: Option<String>,
+    /// Likewise.
     #[allow(dead_code)]
-    pub kind: String,
+    pub kind: Option<String>,
     #[allow(dead_code)]
     #[serde(default)]
     pub metadata: Option<serde_yaml::Value>,

@@ -159,25 +159,13 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
         let (kind, api) = (field("kind"), field("apiVersion"));
         match kind.as_deref() {
             Some("AgentConfig") => {
-                if api.as_deref() != Some(AGENT_API_VERSION) {
-                    cx.err(
-                        i,
-                        "apiVersion",
-                        format!("must be {AGENT_API_VERSION}, got {api:?}"),
-                    );
-                }
+                check_api_version(&mut cx, i, api.as_deref(), AGENT_API_VERSION);
                 if let Some(raw) = typed(&mut cx, i, value) {
                     agents.push((i, raw));
                 }
             }
             Some("FederatedService") => {
-                if api.as_deref() != Some(FEDERATED_SERVICE_API_VERSION) {
-                    cx.err(
-                        i,
-                        "apiVersion",
-                        format!("must be {FEDERATED_SERVICE_API_VERSION}, got {api:?}"),
-                    );
-                }
+                check_api_version(&mut cx, i, api.as_deref(), FEDERATED_SERVICE_API_VERSION);
                 if let Some(raw) = typed(&mut cx, i, value) {
                     services.push((i, raw));
                 }
@@ -273,6 +261,18 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
                 .sort_by_key(|d| (d.position.line, d.position.column));
             Err(cx.errors)
         }
+    }
+}
+
+fn check_api_version(cx: &mut Ctx, doc: usize, got: Option<&str>, want: &str) {
+    match got {
+        Some(v) if v == want => {}
+        Some(v) => cx.err(doc, "apiVersion", format!("must be {want}, got {v:?}")),
+        None => cx.err(
+            doc,
+            "apiVersion",
+            format!("required field is missing (must be {want})"),
+        ),
     }
 }
 

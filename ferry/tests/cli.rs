@@ -1,0 +1,111 @@
+//! The `ferry` command as a user runs it.
+
+use std::process::Command;
+
+fn ferry(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .current_dir(testkit::workspace_root())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_check_prints_the_summary_of_the_example() {
+    let (code, out, err) = ferry(&["config", "check", "--config", "examples/ferry.yaml"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("trust domain:            client.domain"),
+        "{out}"
+    );
+    assert!(
+        out.contains("federated trust domains: local.domain"),
+        "{out}"
+    );
+    assert!(out.contains("server.demo.local.domain:8443"), "{out}");
+    assert!(out.contains("tlsMode:  IstioMtls"), "{out}");
+    assert!(out.contains("payments.shop.local.domain:9443"), "{out}");
+    assert!(out.contains("tlsMode:  Mtls"), "{out}");
+    assert!(
+        out.contains("gateway:  istio-eastwestgateway 127.0.0.10:15443"),
+        "{out}"
+    );
+    assert!(
+        out.contains("gateway:  istio-ingressgateway ingress.local.domain.example:443"),
+        "{out}"
+    );
+}
+
+#[test]
+fn config_check_reports_all_five_seeded_mistakes_located() {
+    let file = "ferry/tests/data/five-mistakes.yaml";
+    let (code, out, err) = ferry(&["config", "check", "--config", file]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let prefix = format!("{file}:");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(&prefix)
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect();
+    let expect = [
+        format!("{file}:6:15: registrationEntries[0].spiffeId: invalid SPIFFE ID"),
+        format!("{file}:7:17: registrationEntries[0].selectors[0]: unknown selector type \"k8s\""),
+        format!("{file}:17:9: spec.port: must be 1-65535, got 70000"),
+        format!("{file}:19:12: spec.tlsMode: must be Mtls or IstioMtls, got \"mtls\""),
+        format!("{file}:21:7: spec.gateways[0]: set exactly one of hostname and ip"),
+    ];
+    assert_eq!(errors.len(), 5, "{err}");
+    for (got, want) in errors.iter().zip(&expect) {
+        assert!(got.starts_with(want.as_str()), "got  {got}\nwant {want}…");
+    }
+    assert!(err.contains("5 error(s), config rejected"), "{err}");
+}
+
+#[test]
+fn config_vips_lists_every_hostname_in_the_range() {
+    let (code, out, err) = ferry(&[
+        "config",
+        "vips",
+        "--config",
+        "examples/ferry.yaml",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let map: std::collections::BTreeMap<String, std::net::Ipv4Addr> =
+        serde_json::from_str(&out).unwrap();
+    assert_eq!(map.len(), 2);
+    for vip in map.values() {
+        assert_eq!(vip.octets()[0], 127);
+        assert!(vip.octets()[1] >= 240, "{vip} outside 127.240.0.0/12");
+        assert_ne!(*vip, std::net::Ipv4Addr::LOCALHOST);
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let (code, _, err) = ferry(&["config", "check", "--config", "/nonexistent/ferry.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot read config file /nonexistent/ferry.yaml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_and_version() {
+    let (code, out, _) = ferry(&["--help"]);
+    assert_eq!(code, 0);
+    for word in ["config", "agent", "--log-level", "--log-format"] {
+        assert!(out.contains(word), "{out}");
+    }
+    let (code, out, _) = ferry(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ferry "), "{out}");
+}

@@ -1,0 +1,71 @@
+//! Hot reload of the config file: good edits produce a new snapshot, bad edits keep the
+//! last good one.
+
+use std::time::Duration;
+
+use xds::config::ConfigWatcher;
+
+const AGENT: &str =
+    "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n";
+
+fn service(name: &str) -> String {
+    format!(
+        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  name: {name}\n  namespace: demo\n  port: 8443\n  spiffeIDPaths: [/ns/demo/sa/{name}]\n  tlsMode: Mtls\n  gateways: [{{type: istio-eastwestgateway, port: 15443, ip: 10.0.0.1}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn reloads_good_edits_and_keeps_last_good_on_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(&path, format!("{AGENT}{}", service("a"))).unwrap();
+    let w = ConfigWatcher::start(&path).unwrap();
+    let mut rx = w.subscribe();
+    let first = w.current();
+    assert_eq!(first.services.len(), 1);
+    let vip_a = first.services[0].vip;
+
+    // Add a service: a new snapshot arrives; a's VIP is unchanged.
+    std::fs::write(&path, format!("{AGENT}{}{}", service("a"), service("b"))).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = rx.borrow_and_update().clone();
+    assert_eq!(second.services.len(), 2);
+    assert_eq!(second.service("a.demo.client.domain").unwrap().vip, vip_a);
+
+    // A bad edit (renamed via a temp file, as editors do): nothing changes.
+    let tmp = dir.path().join(".ferry.yaml.swp");
+    std::fs::write(
+        &tmp,
+        format!("{AGENT}{}", service("c").replace("Mtls", "mtls")),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let changed = tokio::time::timeout(Duration::from_millis(800), rx.changed()).await;
+    assert!(changed.is_err(), "a bad edit must not publish a snapshot");
+    assert_eq!(*w.current(), *second);
+
+    // Fixing it publishes again.
+    std::fs::write(&path, format!("{AGENT}{}", service("c"))).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let third = rx.borrow_and_update().clone();
+    assert_eq!(third.services.len(), 1);
+    assert_eq!(third.services[0].hostname, "c.demo.client.domain");
+}
+
+#[tokio::test]
+async fn invalid_initial_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(&path, "kind: AgentConfig\n").unwrap();
+    let err = ConfigWatcher::start(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("trustDomain: required field is missing"),
+        "{err}"
+    );
+}
