@@ -1,0 +1,546 @@
+//! The trust domain's CA: a self-signed root, an issuing intermediate and JWT signing keys,
+//! each rotated SPIRE-style (the next one is prepared and published at 1/2 of the current
+//! one's lifetime, and takes over at 5/6), persisted under `ca.stateDir` so that bundles and
+//! identities survive a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use xds::config::{AgentConfig, CaBackend};
+use xds::spiffe::{SpiffeId, TrustDomain};
+
+use crate::error::{Error, Result};
+use crate::jwt::{self, JwtBundle, JwtKey, JwtSvid};
+use crate::signer::{KeyStore, Signer, SoftwareKeyStore, write_private};
+use crate::x509::{self, CaCert, CaKind, CaSigner, X509Svid};
+
+/// The state file's name inside `ca.stateDir`.
+pub const STATE_FILE: &str = "ca-state.json";
+/// The root lives this many times longer than an intermediate (`ca.caTtl`).
+pub const ROOT_TTL_FACTOR: u32 = 10;
+
+/// What the CA needs to know; built from the agent config by [`AuthorityConfig::from_agent`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorityConfig {
+    /// The trust domain every certificate is for.
+    pub trust_domain: TrustDomain,
+    /// Where certificates and key files are kept.
+    pub state_dir: PathBuf,
+    /// Lifetime of the root.
+    pub root_ttl: Duration,
+    /// Lifetime of intermediates and of JWT signing keys.
+    pub ca_ttl: Duration,
+}
+
+impl AuthorityConfig {
+    /// The CA settings of an agent config (root TTL = [`ROOT_TTL_FACTOR`] x `caTtl`).
+    pub fn from_agent(agent: &AgentConfig) -> Self {
+        Self {
+            trust_domain: agent.trust_domain.clone(),
+            state_dir: agent.ca.state_dir.clone(),
+            root_ttl: agent.ca.ca_ttl * ROOT_TTL_FACTOR,
+            ca_ttl: agent.ca.ca_ttl,
+        }
+    }
+}
+
+/// The key store for the configured backend: software keys in `<stateDir>/keys`.
+pub fn key_store(agent: &AgentConfig) -> Result<Arc<dyn KeyStore>> {
+    match agent.ca.backend {
+        CaBackend::Software => Ok(Arc::new(SoftwareKeyStore::new(
+            agent.ca.state_dir.join("keys"),
+        ))),
+        CaBackend::Tpm => Err(Error::BackendUnavailable {
+            backend: "tpm".into(),
+            hint: "the TPM signer is not built yet; set ca.backend: software",
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    /// Published in bundles, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// Published until it expires, no longer signing.
+    Retired,
+}
+
+/// One generation of a rotating key: its window, status and what it signs as.
+#[derive(Debug)]
+struct Gen<T> {
+    key: String,
+    status: Status,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    v: T,
+}
+
+impl<T> Gen<T> {
+    fn at(&self, num: u32, den: u32) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life * num / den
+    }
+}
+
+/// One step of SPIRE's schedule over a list of generations. Returns (changed, keys to delete).
+fn step<T>(
+    list: &mut Vec<Gen<T>>,
+    now: SystemTime,
+    mut make: impl FnMut(Status) -> Result<Gen<T>>,
+) -> Result<(bool, Vec<String>)> {
+    let mut removed = Vec::new();
+    list.retain(|g| {
+        let keep = g.not_after > now;
+        if !keep {
+            removed.push(g.key.clone());
+        }
+        keep
+    });
+    let mut changed = !removed.is_empty();
+    let prepared = list.iter().position(|g| g.status == Status::Prepared);
+    match list.iter().position(|g| g.status == Status::Active) {
+        None => {
+            match prepared {
+                Some(p) => list[p].status = Status::Active,
+                None => list.push(make(Status::Active)?),
+            }
+            changed = true;
+        }
+        Some(a) if now >= list[a].at(5, 6) => {
+            list[a].status = Status::Retired;
+            match prepared {
+                Some(p) => list[p].status = Status::Active,
+                // Missed the preparation window (e.g. the agent was down): rotate at once.
+                None => list.push(make(Status::Active)?),
+            }
+            changed = true;
+        }
+        Some(a) if now >= list[a].at(1, 2) && prepared.is_none() => {
+            list.push(make(Status::Prepared)?);
+            changed = true;
+        }
+        Some(_) => {}
+    }
+    Ok((changed, removed))
+}
+
+fn next_event<T>(list: &[Gen<T>]) -> Option<SystemTime> {
+    let prepared = list.iter().any(|g| g.status == Status::Prepared);
+    list.iter()
+        .map(|g| match g.status {
+            Status::Active if prepared => g.at(5, 6).min(g.not_after),
+            Status::Active => g.at(1, 2),
+            _ => g.not_after,
+        })
+        .min()
+}
+
+#[derive(Debug, Default)]
+struct State {
+    roots: Vec<Gen<Arc<CaSigner>>>,
+    intermediates: Vec<Gen<Arc<CaSigner>>>,
+    jwt: Vec<Gen<JwtKey>>,
+}
+
+/// The trust domain's certificate authority. Cheap to share (`Arc`); issuance takes a read
+/// lock only, rotation a short write lock.
+#[derive(Debug)]
+pub struct Authority {
+    cfg: AuthorityConfig,
+    keys: Arc<dyn KeyStore>,
+    state: RwLock<State>,
+    changes: watch::Sender<u64>,
+}
+
+/// Persisted form of the CA (no secrets: keys are in the key store).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Persisted {
+    version: u32,
+    trust_domain: String,
+    roots: Vec<PersistedCa>,
+    intermediates: Vec<PersistedCa>,
+    jwt_keys: Vec<PersistedJwt>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PersistedCa {
+    key: String,
+    status: Status,
+    cert_pem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PersistedJwt {
+    key: String,
+    status: Status,
+    kid: String,
+    not_before: u64,
+    not_after: u64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn key_name(prefix: &str) -> String {
+    let r: [u8; 8] = rand::random();
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+impl Authority {
+    /// Loads the CA from `cfg.state_dir`, or creates a new root when there is none, then
+    /// applies any rotation that fell due while the agent was down.
+    pub fn open(cfg: AuthorityConfig, keys: Arc<dyn KeyStore>) -> Result<Arc<Self>> {
+        let state = Self::load(&cfg, keys.as_ref())?;
+        let created = state.roots.is_empty();
+        let auth = Arc::new(Self {
+            cfg,
+            keys,
+            state: RwLock::new(state),
+            changes: watch::channel(0).0,
+        });
+        auth.rotate(SystemTime::now())?;
+        if created {
+            tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "created a new trust domain root CA");
+        } else {
+            tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "loaded CA state");
+        }
+        Ok(auth)
+    }
+
+    /// The trust domain this CA issues in.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.cfg.state_dir.join(STATE_FILE)
+    }
+
+    fn load(cfg: &AuthorityConfig, keys: &dyn KeyStore) -> Result<State> {
+        let path = cfg.state_dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(e) => return Err(Error::io(&path, "read")(e)),
+        };
+        let corrupt = |reason: String| Error::CorruptState {
+            path: path.clone(),
+            reason,
+        };
+        let p: Persisted = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        if p.version != 1 {
+            return Err(corrupt(format!("unknown version {}", p.version)));
+        }
+        if p.trust_domain != cfg.trust_domain.as_str() {
+            return Err(Error::TrustDomainMismatch {
+                path: cfg.state_dir.clone(),
+                stored: p.trust_domain,
+                configured: cfg.trust_domain.to_string(),
+            });
+        }
+        let ca = |list: Vec<PersistedCa>| -> Result<Vec<Gen<Arc<CaSigner>>>> {
+            list.into_iter()
+                .map(|c| {
+                    let cert = CaCert::from_pem(&c.cert_pem)?;
+                    let signer = keys.load(&c.key)?;
+                    Ok(Gen {
+                        status: c.status,
+                        not_before: cert.not_before,
+                        not_after: cert.not_after,
+                        v: Arc::new(CaSigner::new(cert, signer)?),
+                        key: c.key,
+                    })
+                })
+                .collect()
+        };
+        let jwt = p
+            .jwt_keys
+            .into_iter()
+            .map(|j| {
+                let nb = UNIX_EPOCH + Duration::from_secs(j.not_before);
+                let na = UNIX_EPOCH + Duration::from_secs(j.not_after);
+                Ok(Gen {
+                    v: JwtKey {
+                        kid: j.kid,
+                        signer: keys.load(&j.key)?,
+                        not_before: nb,
+                        not_after: na,
+                    },
+                    key: j.key,
+                    status: j.status,
+                    not_before: nb,
+                    not_after: na,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State {
+            roots: ca(p.roots)?,
+            intermediates: ca(p.intermediates)?,
+            jwt,
+        })
+    }
+
+    fn persist(&self, st: &State) -> Result<()> {
+        let ca = |list: &[Gen<Arc<CaSigner>>]| {
+            list.iter()
+                .map(|g| PersistedCa {
+                    key: g.key.clone(),
+                    status: g.status,
+                    cert_pem: g.v.cert.pem(),
+                })
+                .collect()
+        };
+        let p = Persisted {
+            version: 1,
+            trust_domain: self.cfg.trust_domain.to_string(),
+            roots: ca(&st.roots),
+            intermediates: ca(&st.intermediates),
+            jwt_keys: st
+                .jwt
+                .iter()
+                .map(|g| PersistedJwt {
+                    key: g.key.clone(),
+                    status: g.status,
+                    kid: g.v.kid.clone(),
+                    not_before: unix(g.not_before),
+                    not_after: unix(g.not_after),
+                })
+                .collect(),
+        };
+        let dir = &self.cfg.state_dir;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir, "create state dir"))?;
+        let json = serde_json::to_vec_pretty(&p).map_err(|e| Error::CorruptState {
+            path: self.state_path(),
+            reason: e.to_string(),
+        })?;
+        write_private(&self.state_path(), &json)
+    }
+
+    /// Applies every rotation step due at `now` (create, prepare, activate, drop expired),
+    /// persists, and notifies subscribers. Returns whether anything changed.
+    pub fn rotate(&self, now: SystemTime) -> Result<bool> {
+        let td = self.cfg.trust_domain.clone();
+        let keys = self.keys.clone();
+        let mut st = self.write();
+        let State {
+            roots,
+            intermediates,
+            jwt,
+        } = &mut *st;
+
+        let root_ttl = self.cfg.root_ttl;
+        let (c1, r1) = step(roots, now, |status| {
+            let key = key_name("root");
+            let signer = keys.generate(&key)?;
+            let cert = x509::build_ca(CaKind::Root, &td, &signer, None, now, root_ttl)?;
+            tracing::info!(serial = %cert.serial, ?status, "new root CA (published in the bundle before it signs)");
+            new_ca_gen(key, status, cert, signer)
+        })?;
+        let active_root = roots
+            .iter()
+            .find(|g| g.status == Status::Active)
+            .map(|g| g.v.clone())
+            .ok_or(Error::NoAuthority { what: "root" })?;
+        let ca_ttl = self.cfg.ca_ttl;
+        let (c2, r2) = step(intermediates, now, |status| {
+            let key = key_name("int");
+            let signer = keys.generate(&key)?;
+            let cert = x509::build_ca(
+                CaKind::Intermediate,
+                &td,
+                &signer,
+                Some(&active_root),
+                now,
+                ca_ttl,
+            )?;
+            tracing::info!(serial = %cert.serial, ?status, "new intermediate CA");
+            new_ca_gen(key, status, cert, signer)
+        })?;
+        let (c3, r3) = step(jwt, now, |status| {
+            let key = key_name("jwt");
+            let signer = keys.generate(&key)?;
+            let kid = jwt::kid_for(signer.public_key_raw());
+            let (nb, na) = (now, now + ca_ttl);
+            tracing::info!(%kid, ?status, "new JWT signing key");
+            Ok(Gen {
+                key,
+                status,
+                not_before: nb,
+                not_after: na,
+                v: JwtKey {
+                    kid,
+                    signer,
+                    not_before: nb,
+                    not_after: na,
+                },
+            })
+        })?;
+        let changed = c1 || c2 || c3;
+        if changed {
+            self.persist(&st)?;
+            drop(st);
+            for k in r1.iter().chain(&r2).chain(&r3) {
+                if let Err(e) = self.keys.remove(k) {
+                    tracing::warn!(key = %k, error = %e, "cannot delete expired CA key");
+                }
+            }
+            self.changes.send_modify(|g| *g += 1);
+        }
+        Ok(changed)
+    }
+
+    /// When [`rotate`](Self::rotate) next has something to do.
+    pub fn next_rotation(&self) -> SystemTime {
+        let st = self.read();
+        [
+            next_event(&st.roots),
+            next_event(&st.intermediates),
+            next_event(&st.jwt),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(SystemTime::now)
+    }
+
+    /// Runs rotation on schedule until `shutdown`; a failed step is logged and retried.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let wait = self
+                .next_rotation()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .clamp(Duration::from_millis(50), Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Err(e) = self.rotate(SystemTime::now()) {
+                tracing::error!(error = %e, "CA rotation failed; retrying in 5s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    }
+
+    /// A receiver whose value changes whenever bundles or active keys change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The X.509 bundle: every root that is published (prepared, active, retired but
+    /// unexpired), oldest first, DER.
+    pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
+        self.read()
+            .roots
+            .iter()
+            .map(|g| g.v.cert.der.clone())
+            .collect()
+    }
+
+    /// The JWT bundle: every published JWT signing key.
+    pub fn jwt_bundle(&self) -> JwtBundle {
+        let mut b = JwtBundle::default();
+        for g in &self.read().jwt {
+            b.insert(g.v.kid.clone(), g.v.signer.public_key_raw().to_vec());
+        }
+        b
+    }
+
+    /// The serial of the intermediate that signs SVIDs now (an SVID cache compares it to
+    /// re-issue after a CA rotation).
+    pub fn active_issuer_serial(&self) -> Option<String> {
+        self.read()
+            .intermediates
+            .iter()
+            .find(|g| g.status == Status::Active)
+            .map(|g| g.v.cert.serial.clone())
+    }
+
+    /// Issues an X.509-SVID for `id` valid for `ttl` (capped by the intermediate's expiry).
+    pub fn issue_x509_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<X509Svid> {
+        if id.trust_domain() != &self.cfg.trust_domain {
+            return Err(Error::BadCertificate {
+                what: id.to_string(),
+                reason: format!("not in trust domain {}", self.cfg.trust_domain),
+            });
+        }
+        let issuer = self
+            .read()
+            .intermediates
+            .iter()
+            .find(|g| g.status == Status::Active)
+            .map(|g| g.v.clone())
+            .ok_or(Error::NoAuthority { what: "X.509" })?;
+        let chain = [issuer.cert.der.clone()];
+        x509::build_svid(id, &issuer, &chain, SystemTime::now(), ttl)
+    }
+
+    /// Issues a JWT-SVID for `id` and `audience` valid for `ttl` (capped by the key).
+    pub fn issue_jwt_svid(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid> {
+        let key = self
+            .read()
+            .jwt
+            .iter()
+            .find(|g| g.status == Status::Active)
+            .map(|g| g.v.clone())
+            .ok_or(Error::NoAuthority { what: "JWT" })?;
+        jwt::sign(&key, id, audience, SystemTime::now(), ttl)
+    }
+
+    /// The state directory (for logs and docs).
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+}
+
+fn new_ca_gen(
+    key: String,
+    status: Status,
+    cert: CaCert,
+    signer: Arc<dyn Signer>,
+) -> Result<Gen<Arc<CaSigner>>> {
+    Ok(Gen {
+        key,
+        status,
+        not_before: cert.not_before,
+        not_after: cert.not_after,
+        v: Arc::new(CaSigner::new(cert, signer)?),
+    })
+}
+
+#[cfg(test)]
+#[path = "ca_tests.rs"]
+mod tests;

@@ -1,0 +1,149 @@
+//! The one error type of the `attest` crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the CA: key storage, certificate building, JWT handling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file under the CA state directory could not be read or written.
+    #[error("CA state {}: {action}: {source} (check that ca.stateDir exists, is writable by ferry and not full)", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done (`read`, `write`, `create dir`, ...).
+        action: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The CA state directory holds something this version cannot use.
+    #[error("CA state {} is unusable: {reason} (move the directory away to start a new trust domain root; existing clients will then need the new bundle)", path.display())]
+    CorruptState {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The stored CA belongs to another trust domain than the config names.
+    #[error("CA state in {} is for trust domain {stored:?}, but the config says {configured:?} (use another ca.stateDir per trust domain)", path.display())]
+    TrustDomainMismatch {
+        /// The state directory.
+        path: PathBuf,
+        /// The trust domain the state was created for.
+        stored: String,
+        /// The configured trust domain.
+        configured: String,
+    },
+    /// Generating or using a key failed.
+    #[error("key operation {op} failed: {reason}")]
+    Key {
+        /// The operation (`generate`, `sign`, `load`).
+        op: &'static str,
+        /// The underlying error text.
+        reason: String,
+    },
+    /// rcgen refused to build a certificate.
+    #[error("cannot build {what} certificate: {source}")]
+    Build {
+        /// Which certificate (`root`, `intermediate`, `X.509-SVID`).
+        what: &'static str,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+    /// A certificate we built or loaded does not parse or breaks the SPIFFE profile.
+    #[error("certificate {what} is invalid: {reason}")]
+    BadCertificate {
+        /// Which certificate.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The requested key backend is not available in this build.
+    #[error("CA backend {backend} is not available: {hint}")]
+    BackendUnavailable {
+        /// The configured backend.
+        backend: String,
+        /// What the operator can do.
+        hint: &'static str,
+    },
+    /// No authority can sign right now (all expired): the CA must rotate first.
+    #[error("no active {what} authority (the CA has not been initialised or all keys expired)")]
+    NoAuthority {
+        /// `X.509` or `JWT`.
+        what: &'static str,
+    },
+    /// A JWT-SVID could not be issued or failed validation.
+    #[error("JWT-SVID {0}")]
+    Jwt(#[from] JwtError),
+}
+
+/// Why a JWT-SVID was rejected (each is a distinct, matchable reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Not three base64url parts, or not JSON inside.
+    #[error("is malformed: {0}")]
+    Malformed(String),
+    /// The header's `alg` is not one we verify.
+    #[error("uses unsupported algorithm {0:?} (ferry signs and verifies ES256)")]
+    UnsupportedAlgorithm(String),
+    /// The header has no `kid`.
+    #[error("has no key id (kid) in its header")]
+    MissingKeyId,
+    /// The `typ` header is present but not `JWT`/`JOSE`.
+    #[error("has unsupported typ {0:?}")]
+    BadType(String),
+    /// No bundle has a key with this `kid`.
+    #[error("is signed by unknown key {kid:?} of trust domain {trust_domain}")]
+    UnknownKey {
+        /// The key id from the header.
+        kid: String,
+        /// The trust domain of `sub`.
+        trust_domain: String,
+    },
+    /// We hold no JWT bundle for the token's trust domain.
+    #[error("is from trust domain {0} for which no JWT bundle is known")]
+    UnknownTrustDomain(String),
+    /// The signature does not verify.
+    #[error("signature is invalid")]
+    BadSignature,
+    /// A required claim is absent or has the wrong type.
+    #[error("claim {0} is missing or invalid")]
+    BadClaim(&'static str),
+    /// `exp` is in the past.
+    #[error("has expired")]
+    Expired,
+    /// The audience asked for is not in `aud`.
+    #[error("audience {expected:?} is not in the token's aud {actual:?}")]
+    WrongAudience {
+        /// The audience the validator asked for.
+        expected: String,
+        /// The token's audiences.
+        actual: Vec<String>,
+    },
+    /// Issuance was asked without any audience.
+    #[error("needs at least one audience")]
+    NoAudience,
+}
+
+impl Error {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        action: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io {
+            path,
+            action,
+            source,
+        }
+    }
+
+    pub(crate) fn key(op: &'static str) -> impl FnOnce(rcgen::Error) -> Error {
+        move |e| Error::Key {
+            op,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

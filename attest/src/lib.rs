@@ -1,0 +1,24 @@
+//! ferry's certificate authority for one trust domain.
+//!
+//! - [`signer`]: the [`Signer`] / [`KeyStore`] abstraction; the software backend keeps
+//!   ECDSA P-256 keys as 0600 PEM files. A TPM backend plugs in here without touching
+//!   issuance.
+//! - [`x509`]: CA certificates and X.509-SVIDs built to the SPIFFE profile (rcgen), checked
+//!   with an independent parser (x509-parser), plus chain verification.
+//! - [`jwt`]: ES256 JWT-SVIDs and JWKS bundles.
+//! - [`ca`]: the [`Authority`]: root + intermediate + JWT keys, SPIRE-style rotation,
+//!   persistence under `ca.stateDir`.
+
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod error;
+pub mod jwt;
+pub mod signer;
+pub mod x509;
+
+pub use ca::{Authority, AuthorityConfig, key_store};
+pub use error::{Error, JwtError, Result};
+pub use jwt::{Claims, JwtBundle, JwtSvid};
+pub use signer::{KeyStore, Signer, SoftwareKeyStore, SoftwareSigner};
+pub use x509::{CaCert, X509Svid, check_svid_profile, verify_chain};
