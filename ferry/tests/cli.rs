@@ -1,5 +1,7 @@
 //! The `ferry` command as a user runs it.
 
+#![allow(clippy::unwrap_used)] // test helper: a failure should panic with its cause
+
 use std::process::Command;
 
 fn ferry(args: &[&str]) -> (i32, String, String) {

@@ -5,6 +5,7 @@
 //! Prerequisites: when `CI=true`, a missing peer (Envoy, root, a Debian tool) fails the
 //! test through [`require`]; outside CI it skips with a message.
 
+pub mod dns;
 pub mod envoy;
 pub mod http;
 
