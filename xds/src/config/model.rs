@@ -82,8 +82,14 @@ pub struct Listen {
     pub xds: SocketAddr,
     /// The Workload API (and SDS) endpoint.
     pub workload_api: Endpoint,
-    /// The local DNS resolver.
+    /// The local DNS resolver; also the address of the `dns` listener served over LDS.
     pub dns: SocketAddr,
+    /// The sidecar's outbound listener (LDS `outbound`); Cofide's convention is port 10000.
+    pub outbound: SocketAddr,
+    /// Whether the outbound listener forwards loopback connections that are not to a
+    /// federated VIP to their original destination (the capture rules send all loopback
+    /// TCP there). Off by default: ferry is not an open relay.
+    pub outbound_passthrough: bool,
 }
 
 /// A gRPC endpoint as SPIFFE_ENDPOINT_SOCKET spells it: `unix:///path` or `tcp://ip:port`.
@@ -427,6 +433,9 @@ pub mod defaults {
     pub const WORKLOAD_API: &str = "unix:///run/ferry/agent.sock";
     /// DNS resolver: the Cofide/Istio port 15053 on loopback.
     pub const DNS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053));
+    /// Sidecar outbound listener: the Cofide port 10000 on all addresses.
+    pub const OUTBOUND: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 10000));
     /// CA state directory.
     pub const STATE_DIR: &str = "/var/lib/ferry";
     /// TPM resource manager device.

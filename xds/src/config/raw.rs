@@ -38,6 +38,8 @@ pub(crate) struct RawListen {
     pub xds: Option<String>,
     pub workload_api: Option<String>,
     pub dns: Option<String>,
+    pub outbound: Option<String>,
+    pub outbound_passthrough: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

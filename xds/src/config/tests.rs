@@ -42,6 +42,8 @@ fn minimal_agent_with_one_service() {
     assert_eq!(c.agent.trust_domain.as_str(), "client.domain");
     assert_eq!(c.agent.listen.xds.to_string(), "127.0.0.1:18001");
     assert_eq!(c.agent.listen.dns.to_string(), "127.0.0.1:15053");
+    assert_eq!(c.agent.listen.outbound.to_string(), "0.0.0.0:10000");
+    assert!(!c.agent.listen.outbound_passthrough);
     assert_eq!(
         c.agent.listen.workload_api.to_string(),
         "unix:///run/ferry/agent.sock"
@@ -297,6 +299,11 @@ fn agent_config_rules() {
         "ip:port",
     );
     one_error(
+        &format!("{AGENT}listen:\n  outbound: 10000\n"),
+        "listen.outbound",
+        "ip:port",
+    );
+    one_error(
         &format!("{AGENT}listen:\n  workloadApi: /tmp/x.sock\n"),
         "listen.workloadApi",
         "unix://",
@@ -506,4 +513,15 @@ fn vips_stable_across_document_reorder_and_service_changes() {
         }
     }
     assert_eq!(c1, c2);
+}
+
+#[test]
+fn outbound_listener_settings() {
+    let src = format!(
+        "{AGENT}listen:\n  outbound: 0.0.0.0:15001\n  outboundPassthrough: true\n{}",
+        svc(GOOD_SPEC)
+    );
+    let c = parse_str(&src).unwrap().config;
+    assert_eq!(c.agent.listen.outbound.to_string(), "0.0.0.0:15001");
+    assert!(c.agent.listen.outbound_passthrough);
 }

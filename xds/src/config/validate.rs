@@ -307,6 +307,12 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
     let l = &raw.listen;
     let xds = cx.socket_addr(i, "listen.xds", l.xds.as_deref(), defaults::XDS);
     let dns = cx.socket_addr(i, "listen.dns", l.dns.as_deref(), defaults::DNS);
+    let outbound = cx.socket_addr(
+        i,
+        "listen.outbound",
+        l.outbound.as_deref(),
+        defaults::OUTBOUND,
+    );
     let workload_api =
         match Endpoint::parse(l.workload_api.as_deref().unwrap_or(defaults::WORKLOAD_API)) {
             Ok(e) => e,
@@ -455,6 +461,8 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
             xds,
             workload_api,
             dns,
+            outbound,
+            outbound_passthrough: l.outbound_passthrough.unwrap_or(false),
         },
         ca,
         trust_bundles,

@@ -1,0 +1,2 @@
+//! Placeholder; the scale bench lands next.
+fn main() {}

@@ -1,0 +1,277 @@
+//! Translation of the registry (a validated [`Config`]) into Envoy xDS resources: one
+//! `Cluster` and one `ClusterLoadAssignment` per imported service, the `outbound` listener
+//! that maps `VIP:port` to those clusters, and the `dns` listener that answers every
+//! federated hostname with its VIP.
+//!
+//! Pure code: no sockets, no clocks. The server serves [`Snapshot`]s; one task (see
+//! [`spawn_translator`]) is the only writer, and every xDS stream reads the latest
+//! `Arc<Snapshot>` from a `watch` channel without taking a lock.
+
+mod cluster;
+mod endpoint;
+mod listener;
+pub mod meta;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::Name;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+pub use cluster::cluster;
+pub use endpoint::load_assignment;
+pub use listener::{DNS_LISTENER, OUTBOUND_LISTENER, PASSTHROUGH_CLUSTER, dns_listener};
+pub use listener::{outbound_listener, passthrough_cluster};
+
+/// Bumped whenever the translation changes what it emits for the same input, so that a
+/// client that reconnects with versions from an older ferry gets the new resources.
+const TRANSLATION_REVISION: u32 = 1;
+
+/// The resource types ferry serves. Anything else a client asks for gets a clear error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum ResourceType {
+    /// CDS: `envoy.config.cluster.v3.Cluster`.
+    Cluster,
+    /// EDS: `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+    Endpoint,
+    /// LDS: `envoy.config.listener.v3.Listener`.
+    Listener,
+}
+
+impl ResourceType {
+    /// Every served type, in the order pushes go out (clusters and endpoints before the
+    /// listeners that reference them: make before break).
+    pub const ALL: [ResourceType; 3] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+    ];
+
+    /// The type URL on the wire.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            ResourceType::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+            ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+        }
+    }
+
+    /// The short name used in logs and metrics labels.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "CDS",
+            ResourceType::Endpoint => "EDS",
+            ResourceType::Listener => "LDS",
+        }
+    }
+
+    /// Whether a SotW response must carry every resource of the type (xDS: Listener and
+    /// Cluster), rather than only those that changed.
+    pub fn sotw_full_state(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    /// Index into per-type arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// A type URL that ferry does not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "ferry does not serve xDS type {type_url:?}; it serves {}, {} and {} (check the client's cds_config/lds_config and that nothing else is configured over ADS)",
+    ResourceType::Cluster.type_url(),
+    ResourceType::Endpoint.type_url(),
+    ResourceType::Listener.type_url()
+)]
+pub struct UnknownTypeUrl {
+    /// What the client asked for.
+    pub type_url: String,
+}
+
+impl FromStr for ResourceType {
+    type Err = UnknownTypeUrl;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ResourceType::ALL
+            .into_iter()
+            .find(|t| t.type_url() == s)
+            .ok_or_else(|| UnknownTypeUrl {
+                type_url: s.to_owned(),
+            })
+    }
+}
+
+/// One encoded resource with its content version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    /// The resource name (`H_cluster`, `outbound`, `dns`).
+    pub name: String,
+    /// A hash of everything the resource was built from: equal versions mean equal content.
+    pub version: String,
+    /// The resource, packed.
+    pub any: Any,
+}
+
+impl Resource {
+    /// Packs `msg`, versioned by a hash of `inputs` (the domain values it was built from).
+    /// Hashing inputs rather than encoded bytes keeps versions stable: protobuf maps
+    /// (metadata, `Struct`) encode in no fixed order.
+    pub fn new<M: Name, I: Serialize + ?Sized>(name: String, msg: &M, inputs: &I) -> Self {
+        Resource {
+            name,
+            version: content_version(M::full_name().as_str(), inputs),
+            any: Any {
+                type_url: M::type_url(),
+                value: msg.encode_to_vec(),
+            },
+        }
+    }
+}
+
+fn content_version<I: Serialize + ?Sized>(kind: &str, inputs: &I) -> String {
+    let mut h = Sha256::new();
+    h.update(TRANSLATION_REVISION.to_be_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(kind.as_bytes());
+    // Serializing plain config structs to JSON cannot fail; an empty input still hashes.
+    h.update(serde_json::to_vec(inputs).unwrap_or_default());
+    let d = h.finalize();
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// All resources of one type, by name, with a version for the whole set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeResources {
+    /// The resources, by name.
+    pub resources: BTreeMap<String, Arc<Resource>>,
+    /// A hash of every (name, version): the SotW `version_info`.
+    pub version: String,
+}
+
+impl TypeResources {
+    fn new(resources: BTreeMap<String, Arc<Resource>>) -> Self {
+        let pairs: Vec<(&str, &str)> = resources
+            .values()
+            .map(|r| (r.name.as_str(), r.version.as_str()))
+            .collect();
+        TypeResources {
+            version: content_version("set", &pairs),
+            resources,
+        }
+    }
+
+    /// The resource with this name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        self.resources.get(name)
+    }
+}
+
+/// Everything ferry serves at one moment: what every xDS stream converges to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Counts snapshots published by this process (for logs; not a wire version).
+    pub generation: u64,
+    types: [TypeResources; 3],
+}
+
+impl Snapshot {
+    /// The resources of one type.
+    pub fn of(&self, t: ResourceType) -> &TypeResources {
+        &self.types[t.index()]
+    }
+
+    /// Total resources over all types.
+    pub fn len(&self) -> usize {
+        self.types.iter().map(|t| t.resources.len()).sum()
+    }
+
+    /// True when nothing is served.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds the snapshot for `config`.
+pub fn build(config: &Config, generation: u64) -> Snapshot {
+    let mut clusters = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    for svc in &config.services {
+        let c = cluster(svc);
+        clusters.insert(c.name.clone(), Arc::new(c));
+        let e = load_assignment(svc);
+        endpoints.insert(e.name.clone(), Arc::new(e));
+    }
+    if config.agent.listen.outbound_passthrough {
+        let c = passthrough_cluster();
+        clusters.insert(c.name.clone(), Arc::new(c));
+    }
+    let mut listeners = BTreeMap::new();
+    for l in [outbound_listener(config), Some(dns_listener(config))]
+        .into_iter()
+        .flatten()
+    {
+        listeners.insert(l.name.clone(), Arc::new(l));
+    }
+    Snapshot {
+        generation,
+        types: [
+            TypeResources::new(clusters),
+            TypeResources::new(endpoints),
+            TypeResources::new(listeners),
+        ],
+    }
+}
+
+/// Starts the single writer of snapshots: translates every config the watch yields and
+/// publishes it. Readers (xDS streams) get the latest snapshot from the returned receiver.
+/// The task ends when the config sender is dropped.
+pub fn spawn_translator(
+    mut config: watch::Receiver<Arc<Config>>,
+) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
+    let first = build(&config.borrow_and_update(), 1);
+    tracing::info!(
+        resources = first.len(),
+        "xds: translated the registry into the first snapshot"
+    );
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let task = tokio::spawn(async move {
+        let mut generation = 1;
+        while config.changed().await.is_ok() {
+            let cfg = config.borrow_and_update().clone();
+            generation += 1;
+            let next = build(&cfg, generation);
+            let prev = tx.borrow().clone();
+            if prev.types == next.types {
+                continue;
+            }
+            tracing::info!(
+                generation,
+                clusters = next.of(ResourceType::Cluster).resources.len(),
+                listeners = next.of(ResourceType::Listener).resources.len(),
+                "xds: registry changed, publishing a new snapshot"
+            );
+            tx.send_replace(Arc::new(next));
+        }
+    });
+    (rx, task)
+}

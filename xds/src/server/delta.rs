@@ -1,0 +1,251 @@
+//! One incremental stream (`DeltaAggregatedResources` or a standalone `Delta*`).
+//!
+//! Per type the stream tracks the subscription and, per resource, the version the client
+//! has (seeded from `initial_resource_versions` on reconnect). A push sends only resources
+//! whose version differs and lists in `removed_resources` those the client has that no
+//! longer exist, so unchanged resources are never re-sent. A NACK is logged and counted;
+//! the rejected versions are not re-sent until the registry changes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
+};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::sotw::WILDCARD;
+use super::{Ctx, or_shutdown, resolve_type};
+use crate::resources::{ResourceType, Snapshot};
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Resource name -> version the client has.
+    has: HashMap<String, String>,
+    /// Names subscribed explicitly that do not exist and were reported removed.
+    reported_missing: BTreeSet<String>,
+    /// Nonce of the last response.
+    nonce: String,
+}
+
+pub(crate) struct Session {
+    ctx: Arc<Ctx>,
+    id: u64,
+    peer: Option<SocketAddr>,
+    fixed: Option<ResourceType>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    node: String,
+    types: [Option<TypeState>; 3],
+    nonces: u64,
+    snapshot: Arc<Snapshot>,
+}
+
+struct Closed;
+
+impl Session {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        id: u64,
+        peer: Option<SocketAddr>,
+        fixed: Option<ResourceType>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Self {
+        let snapshot = ctx.snapshots.borrow().clone();
+        Session {
+            ctx,
+            id,
+            peer,
+            fixed,
+            tx,
+            node: String::new(),
+            types: Default::default(),
+            nonces: 0,
+            snapshot,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
+        self.ctx.metrics.stream_opened("delta");
+        let mut snapshots = self.ctx.snapshots.clone();
+        snapshots.mark_unchanged();
+        let ctx = self.ctx.clone();
+        loop {
+            let next = or_shutdown(&ctx, async {
+                tokio::select! {
+                    m = inbound.message() => Ok(m),
+                    c = snapshots.changed() => Err(c.is_ok()),
+                }
+            })
+            .await;
+            let step = match next {
+                None => break,
+                Some(Ok(Ok(Some(req)))) => self.on_request(req).await,
+                Some(Ok(Ok(None))) => break,
+                Some(Ok(Err(status))) => {
+                    tracing::debug!(stream = self.id, node = %self.node, %status, "xds: Delta stream error");
+                    break;
+                }
+                Some(Err(true)) => {
+                    self.snapshot = snapshots.borrow_and_update().clone();
+                    self.push_all().await
+                }
+                Some(Err(false)) => break,
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+        self.ctx.metrics.stream_closed("delta");
+        tracing::debug!(stream = self.id, node = %self.node, "xds: Delta stream closed");
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Closed> {
+        if let Some(node) = &req.node
+            && self.node.is_empty()
+        {
+            self.node = node.id.clone();
+            tracing::info!(stream = self.id, node = %self.node, cluster = %node.cluster, peer = ?self.peer, "xds: Delta client connected");
+        }
+        let t = match resolve_type(&self.ctx, self.fixed, &req.type_url) {
+            Ok(t) => t,
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                return Err(Closed);
+            }
+        };
+        let first = self.types[t.index()].is_none();
+        let st = self.types[t.index()].get_or_insert_with(TypeState::default);
+        if first {
+            st.has = req.initial_resource_versions.clone();
+        }
+        if !req.response_nonce.is_empty() {
+            if let Some(err) = &req.error_detail {
+                self.ctx.metrics.nack(t);
+                tracing::warn!(
+                    stream = self.id,
+                    node = %self.node,
+                    r#type = %t,
+                    nonce = %req.response_nonce,
+                    code = err.code,
+                    message = %err.message,
+                    "xds: client NACKed a Delta response; it keeps its previous resources and ferry will not resend them until the registry changes"
+                );
+            } else {
+                self.ctx.metrics.ack(t);
+            }
+        }
+        let mut changed = first;
+        if first && req.resource_names_subscribe.is_empty() {
+            st.wildcard = true;
+        }
+        for n in &req.resource_names_subscribe {
+            if n == WILDCARD {
+                changed |= !st.wildcard;
+                st.wildcard = true;
+            } else {
+                changed |= st.names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == WILDCARD {
+                changed |= st.wildcard;
+                st.wildcard = false;
+            } else if st.names.remove(n) {
+                st.reported_missing.remove(n);
+                if !st.wildcard {
+                    st.has.remove(n);
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.push(t, first).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn push_all(&mut self) -> Result<(), Closed> {
+        for t in ResourceType::ALL {
+            if self.types[t.index()].is_some() {
+                self.push(t, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the resources of type `t` the client lacks or has in another version, and the
+    /// names it has that are gone. `initial`: the first request, always answered for a
+    /// wildcard subscription so the client's initial fetch completes.
+    async fn push(&mut self, t: ResourceType, initial: bool) -> Result<(), Closed> {
+        let snap = self.snapshot.clone();
+        let res = snap.of(t);
+        let Some(st) = self.types[t.index()].as_mut() else {
+            return Ok(());
+        };
+        let subscribed = |name: &str| st.wildcard || st.names.contains(name);
+        let updated: Vec<_> = res
+            .resources
+            .values()
+            .filter(|r| subscribed(&r.name) && st.has.get(&r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = st
+            .has
+            .keys()
+            .filter(|n| !res.resources.contains_key(*n))
+            .cloned()
+            .collect();
+        // Tell the client once that a name it asked for does not exist (so it does not
+        // wait for its initial fetch timeout).
+        let missing: Vec<String> = st
+            .names
+            .iter()
+            .filter(|n| {
+                !res.resources.contains_key(*n)
+                    && !st.has.contains_key(*n)
+                    && !st.reported_missing.contains(*n)
+            })
+            .cloned()
+            .collect();
+        st.reported_missing
+            .retain(|n| !res.resources.contains_key(n));
+        st.reported_missing.extend(missing.iter().cloned());
+        removed.extend(missing);
+        if updated.is_empty() && removed.is_empty() && !(initial && st.wildcard) {
+            return Ok(());
+        }
+        for r in &updated {
+            st.has.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            st.has.remove(n);
+        }
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        st.nonce = nonce.clone();
+        tracing::debug!(stream = self.id, node = %self.node, r#type = %t, updated = updated.len(), removed = removed.len(), "xds: Delta push");
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: res.version.clone(),
+            resources: updated
+                .iter()
+                .map(|r| PbResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: t.type_url().to_owned(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        self.ctx.metrics.response(t);
+        self.tx.send(Ok(resp)).await.map_err(|_| Closed)
+    }
+}

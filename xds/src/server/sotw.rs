@@ -1,0 +1,221 @@
+//! One state-of-the-world stream (`StreamAggregatedResources` or a standalone `Stream*`).
+//!
+//! Per type the stream remembers the subscription (wildcard or names), the nonce and
+//! version of the last response, and what it last sent per resource. A request whose nonce
+//! is not the latest is stale and ignored; a NACK (`error_detail`) is logged and counted
+//! and nothing is re-sent until the registry changes again, so a client that rejects a
+//! config keeps its last ACKed state without a resend storm. Listener and Cluster
+//! responses carry the full state; EDS responses carry only the requested resources that
+//! the client has not got in their current version.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::{Ctx, or_shutdown, resolve_type};
+use crate::resources::{ResourceType, Snapshot};
+
+/// The wildcard resource name (xDS).
+pub(crate) const WILDCARD: &str = "*";
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Type version of the last response (full-state types).
+    sent_version: Option<String>,
+    /// Resource name -> version last sent (EDS: what the client has, as far as we know).
+    sent: HashMap<String, String>,
+    /// Nonce of the last response; the next ACK/NACK must carry it.
+    nonce: String,
+}
+
+pub(crate) struct Session {
+    ctx: Arc<Ctx>,
+    id: u64,
+    peer: Option<SocketAddr>,
+    fixed: Option<ResourceType>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    node: String,
+    types: [Option<TypeState>; 3],
+    nonces: u64,
+    snapshot: Arc<Snapshot>,
+}
+
+/// Stream ended (client gone or shutdown): stop quietly.
+struct Closed;
+
+impl Session {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        id: u64,
+        peer: Option<SocketAddr>,
+        fixed: Option<ResourceType>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Self {
+        let snapshot = ctx.snapshots.borrow().clone();
+        Session {
+            ctx,
+            id,
+            peer,
+            fixed,
+            tx,
+            node: String::new(),
+            types: Default::default(),
+            nonces: 0,
+            snapshot,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        self.ctx.metrics.stream_opened("sotw");
+        tracing::debug!(stream = self.id, peer = ?self.peer, "xds: SotW stream opened");
+        let mut snapshots = self.ctx.snapshots.clone();
+        snapshots.mark_unchanged();
+        let ctx = self.ctx.clone();
+        loop {
+            let next = or_shutdown(&ctx, async {
+                tokio::select! {
+                    m = inbound.message() => Ok(m),
+                    c = snapshots.changed() => Err(c.is_ok()),
+                }
+            })
+            .await;
+            let step = match next {
+                None => break,
+                Some(Ok(Ok(Some(req)))) => self.on_request(req).await,
+                Some(Ok(Ok(None))) => break,
+                Some(Ok(Err(status))) => {
+                    tracing::debug!(stream = self.id, node = %self.node, %status, "xds: SotW stream error");
+                    break;
+                }
+                Some(Err(true)) => {
+                    self.snapshot = snapshots.borrow_and_update().clone();
+                    self.push_all().await
+                }
+                Some(Err(false)) => break,
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+        self.ctx.metrics.stream_closed("sotw");
+        tracing::debug!(stream = self.id, node = %self.node, "xds: SotW stream closed");
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
+        if let Some(node) = &req.node
+            && self.node.is_empty()
+        {
+            self.node = node.id.clone();
+            tracing::info!(stream = self.id, node = %self.node, cluster = %node.cluster, peer = ?self.peer, "xds: SotW client connected");
+        }
+        let t = match resolve_type(&self.ctx, self.fixed, &req.type_url) {
+            Ok(t) => t,
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                return Err(Closed);
+            }
+        };
+        let first = self.types[t.index()].is_none();
+        let st = self.types[t.index()].get_or_insert_with(TypeState::default);
+        if !first && req.response_nonce != st.nonce {
+            // Stale: answers a response the client has since been superseded by.
+            tracing::debug!(stream = self.id, node = %self.node, r#type = %t, nonce = %req.response_nonce, "xds: ignoring stale request");
+            return Ok(());
+        }
+        if let Some(err) = &req.error_detail {
+            self.ctx.metrics.nack(t);
+            tracing::warn!(
+                stream = self.id,
+                node = %self.node,
+                r#type = %t,
+                rejected_version = st.sent_version.as_deref().unwrap_or(""),
+                kept_version = %req.version_info,
+                code = err.code,
+                message = %err.message,
+                "xds: client NACKed the config; it keeps its last accepted version and ferry will not resend until the registry changes"
+            );
+        } else if !req.response_nonce.is_empty() {
+            self.ctx.metrics.ack(t);
+            tracing::debug!(stream = self.id, node = %self.node, r#type = %t, version = %req.version_info, "xds: ACK");
+        }
+        // Subscription: an empty first request, or "*", is a wildcard subscription.
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let wildcard = names.contains(WILDCARD) || (names.is_empty() && (first || st.wildcard));
+        let names: BTreeSet<String> = names.into_iter().filter(|n| n != WILDCARD).collect();
+        let changed = first || wildcard != st.wildcard || names != st.names;
+        if !changed || req.error_detail.is_some() {
+            return Ok(());
+        }
+        st.wildcard = wildcard;
+        st.names = names;
+        // Forget what was sent for names no longer subscribed, so a re-subscription resends.
+        if !st.wildcard {
+            let keep = &st.names;
+            st.sent.retain(|n, _| keep.contains(n));
+        }
+        self.push(t, true).await
+    }
+
+    async fn push_all(&mut self) -> Result<(), Closed> {
+        for t in ResourceType::ALL {
+            if self.types[t.index()].is_some() {
+                self.push(t, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the client of type `t` lacks. `requested`: answering a (new)
+    /// subscription, where full-state types always get a response.
+    async fn push(&mut self, t: ResourceType, requested: bool) -> Result<(), Closed> {
+        let snap = self.snapshot.clone();
+        let res = snap.of(t);
+        let Some(st) = self.types[t.index()].as_mut() else {
+            return Ok(());
+        };
+        let selected = res
+            .resources
+            .values()
+            .filter(|r| st.wildcard || st.names.contains(&r.name));
+        let resources: Vec<_> = if t.sotw_full_state() {
+            if !requested && st.sent_version.as_deref() == Some(res.version.as_str()) {
+                return Ok(());
+            }
+            selected.collect()
+        } else {
+            let fresh: Vec<_> = selected
+                .filter(|r| st.sent.get(&r.name) != Some(&r.version))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            fresh
+        };
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        for r in &resources {
+            st.sent.insert(r.name.clone(), r.version.clone());
+        }
+        if t.sotw_full_state() {
+            st.sent.retain(|n, _| res.resources.contains_key(n));
+        }
+        st.sent_version = Some(res.version.clone());
+        st.nonce = nonce.clone();
+        let resp = DiscoveryResponse {
+            version_info: res.version.clone(),
+            resources: resources.iter().map(|r| r.any.clone()).collect(),
+            type_url: t.type_url().to_owned(),
+            nonce,
+            ..Default::default()
+        };
+        tracing::debug!(stream = self.id, node = %self.node, r#type = %t, version = %res.version, resources = resources.len(), "xds: SotW push");
+        self.ctx.metrics.response(t);
+        self.tx.send(Ok(resp)).await.map_err(|_| Closed)
+    }
+}

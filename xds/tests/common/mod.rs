@@ -1,0 +1,172 @@
+//! Harness shared by xds's integration tests: a real agent (config file on disk, hot
+//! reload, translator, xDS server on a loopback port) and config builders.
+#![allow(dead_code)]
+// Test harness: a failed expectation here is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use xds::config::{Config, ConfigWatcher};
+use xds::resources::{Snapshot, spawn_translator};
+use xds::server::{XdsMetrics, XdsServer};
+
+/// Listener settings for the `AgentConfig` a test writes.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    /// `listen.outbound`.
+    pub outbound: SocketAddr,
+    /// `listen.dns` (UDP).
+    pub dns: SocketAddr,
+}
+
+impl Ports {
+    /// Free ports on loopback / all addresses.
+    pub fn free() -> Self {
+        Ports {
+            outbound: ([0, 0, 0, 0], testkit::free_port()).into(),
+            dns: ([127, 0, 0, 1], free_udp_port()).into(),
+        }
+    }
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind udp 127.0.0.1:0")
+}
+
+/// The `AgentConfig` document.
+pub fn agent_doc(ports: Ports) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  outbound: {}\n  dns: {}\n",
+        ports.outbound, ports.dns
+    )
+}
+
+/// One gateway of a service: (`istio-eastwestgateway` | `istio-ingressgateway`, `ip:` or
+/// `hostname:` value, port).
+pub struct Gw<'a>(pub &'a str, pub &'a str, pub u16);
+
+/// A `FederatedService` document in trust domain `local.domain`.
+pub fn service_doc(name: &str, port: u16, tls_mode: &str, gateways: &[Gw<'_>]) -> String {
+    let mut s = format!(
+        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    ferry.dev/trust-domain: local.domain\nspec:\n  name: {name}\n  namespace: demo\n  port: {port}\n  exportedTrustDomains: [client.domain]\n  spiffeIDPaths: [/ns/demo/sa/{name}]\n  tlsMode: {tls_mode}\n"
+    );
+    if !gateways.is_empty() {
+        s.push_str("  gateways:\n");
+        for Gw(kind, addr, port) in gateways {
+            let key = if addr.parse::<std::net::IpAddr>().is_ok() {
+                "ip"
+            } else {
+                "hostname"
+            };
+            s.push_str(&format!(
+                "    - type: {kind}\n      port: {port}\n      {key}: {addr}\n"
+            ));
+        }
+    }
+    s
+}
+
+/// The federated hostname of `service_doc(name, ..)`.
+pub fn host(name: &str) -> String {
+    format!("{name}.demo.local.domain")
+}
+
+/// A running control plane, as `ferry agent` wires it.
+pub struct Agent {
+    pub dir: testkit::TempDir,
+    pub path: PathBuf,
+    pub addr: SocketAddr,
+    pub metrics: Arc<XdsMetrics>,
+    pub snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+    _watcher: ConfigWatcher,
+}
+
+impl Agent {
+    /// Writes `yaml` to a config file and starts watcher, translator and server on an
+    /// ephemeral loopback port.
+    pub async fn start(yaml: &str) -> Agent {
+        let dir = testkit::tempdir().expect("tempdir");
+        let path = dir.path().join("ferry.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let watcher = ConfigWatcher::start(&path).expect("config loads");
+        let config = watcher.subscribe();
+        let (snapshots, _task) = spawn_translator(config.clone());
+        let shutdown = CancellationToken::new();
+        let server = XdsServer::new(snapshots.clone(), shutdown.clone());
+        let metrics = server.metrics();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind xds");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(server.serve_on(listener));
+        Agent {
+            dir,
+            path,
+            addr,
+            metrics,
+            snapshots,
+            config,
+            shutdown,
+            _watcher: watcher,
+        }
+    }
+
+    /// Replaces the config file the way editors do (write a temp file, rename over).
+    pub fn write(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".ferry.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write temp config");
+        std::fs::rename(&tmp, &self.path).expect("rename config");
+    }
+
+    /// `http://<addr>` for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A TCP server on `addr` that answers every connection with `tag` then echoes.
+pub async fn echo_server(addr: SocketAddr, tag: &'static str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("bind echo");
+    let local = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(tag.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    local
+}
+
+/// The Envoy sidecar bootstrap with ADS switched to the incremental protocol.
+pub fn delta_bootstrap(xds: SocketAddr, socket: &std::path::Path, admin_port: u16) -> String {
+    let b = testkit::envoy::render_sidecar_bootstrap(xds, socket, admin_port);
+    assert!(b.contains("api_type: GRPC"), "bootstrap template changed");
+    b.replacen("api_type: GRPC", "api_type: DELTA_GRPC", 1)
+}
