@@ -40,6 +40,10 @@ pub enum Command {
     /// Run the control plane of a trust zone: Workload API + CA and the xDS server,
     /// reloading the config file when it changes. Stops cleanly on SIGTERM/SIGINT.
     Agent(AgentArgs),
+    /// Run the local DNS resolver: federated hostnames answer with their loopback VIPs,
+    /// every other name is forwarded to the upstream resolvers. Names come from the
+    /// config file (hot reloaded). Stops cleanly on SIGTERM/SIGINT.
+    Dns(DnsArgs),
 }
 
 /// `ferry config ...`
@@ -71,4 +75,34 @@ pub struct AgentArgs {
     /// logged and the last good config keeps serving.
     #[arg(long, short = 'c', env = "FERRY_CONFIG")]
     pub config: PathBuf,
+}
+
+/// `ferry dns ...`
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// The ferry config whose FederatedServices give the names and VIPs (watched).
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// UDP and TCP listen address [default: the config's listen.dns, 127.0.0.1:15053].
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Upstream resolver (repeatable) [default: the nameservers of --resolv-conf].
+    #[arg(long = "upstream", value_name = "IP:PORT")]
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Where default upstreams and search suffixes come from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Search suffix stripped before matching a federated name (repeatable), e.g.
+    /// `demo.svc.cluster.local` [default: the `search` list of --resolv-conf].
+    #[arg(long = "search-suffix", value_name = "DOMAIN")]
+    pub search_suffixes: Vec<String>,
+    /// TTL of federated answers, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ttl: u32,
+    /// Time allowed for a forwarded query before SERVFAIL.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Forwarded queries outstanding at once; beyond it, SERVFAIL at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_inflight: usize,
 }

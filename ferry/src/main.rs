@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod config_cmd;
+mod dns_cmd;
 mod logging;
 
 use clap::Parser;
@@ -29,6 +30,11 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
         cli::Command::Agent(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(agent::run(a))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        cli::Command::Dns(d) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(dns_cmd::run(d))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
