@@ -4,6 +4,7 @@
 //! the ADS client ferry's own proxy and DNS read them with.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod resources;
 pub mod server;

@@ -299,7 +299,7 @@ fn agent_config_rules() {
         "ip:port",
     );
     one_error(
-        &format!("{AGENT}listen:\n  outbound: 10000\n"),
+        &format!("{AGENT}listen:\n  outbound: localhost\n"),
         "listen.outbound",
         "ip:port",
     );

@@ -121,8 +121,9 @@ impl FromStr for ResourceType {
     }
 }
 
-/// One encoded resource with its content version.
-#[derive(Debug, Clone, PartialEq)]
+/// One encoded resource with its content version. Two resources are equal when their
+/// names and versions are (the encoding of protobuf maps varies, the content does not).
+#[derive(Debug, Clone)]
 pub struct Resource {
     /// The resource name (`H_cluster`, `outbound`, `dns`).
     pub name: String,
@@ -130,6 +131,12 @@ pub struct Resource {
     pub version: String,
     /// The resource, packed.
     pub any: Any,
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.version == other.version
+    }
 }
 
 impl Resource {

@@ -10,9 +10,6 @@ mod delta;
 mod metrics;
 mod sotw;
 
-#[cfg(test)]
-mod tests;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -94,6 +94,11 @@ impl Agent {
     /// Writes `yaml` to a config file and starts watcher, translator and server on an
     /// ephemeral loopback port.
     pub async fn start(yaml: &str) -> Agent {
+        Self::start_on(yaml, ([127, 0, 0, 1], 0).into()).await
+    }
+
+    /// Like [`Agent::start`], on a given address (to restart a server where it was).
+    pub async fn start_on(yaml: &str, xds: SocketAddr) -> Agent {
         let dir = testkit::tempdir().expect("tempdir");
         let path = dir.path().join("ferry.yaml");
         std::fs::write(&path, yaml).expect("write config");
@@ -103,9 +108,7 @@ impl Agent {
         let shutdown = CancellationToken::new();
         let server = XdsServer::new(snapshots.clone(), shutdown.clone());
         let metrics = server.metrics();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind xds");
+        let listener = tokio::net::TcpListener::bind(xds).await.expect("bind xds");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(server.serve_on(listener));
         Agent {
