@@ -16,6 +16,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut servers: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
     let _ = (&config, &mut servers);
 
+    // xDS: the registry, translated into Envoy resources, served over ADS (Cofide's :18001).
+    let (snapshots, _translator) = xds::resources::spawn_translator(config.clone());
+    let xds_server = xds::server::XdsServer::new(snapshots, shutdown.clone());
+    let xds_addr = config.borrow().agent.listen.xds;
+    servers.spawn(async move { xds_server.serve(xds_addr).await.context("xDS server") });
+
     tracing::info!(config = %args.config.display(), "ferry agent started");
     tokio::select! {
         s = shutdown_signal() => tracing::info!(signal = s, "shutting down"),

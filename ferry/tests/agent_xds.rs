@@ -1,0 +1,59 @@
+//! `ferry agent --config FILE` serves xDS on `listen.xds` from a config holding only a
+//! trust domain and `FederatedService` documents, and stops cleanly on SIGTERM.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use xds::client::{AdsClient, AdsClientConfig};
+
+#[tokio::test]
+async fn agent_serves_the_registry_over_ads() {
+    let dir = testkit::tempdir().unwrap();
+    let port = testkit::free_port();
+    let cfg = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: 127.0.0.1:{port}\n  workloadApi: unix://{}/agent.sock\n---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: server\n  namespace: demo\nspec:\n  name: server\n  namespace: demo\n  port: 8443\n  exportedTrustDomains: [client.domain]\n  tlsMode: Mtls\n  gateways:\n    - type: istio-eastwestgateway\n      port: 15443\n      ip: 10.0.0.1\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ferry agent");
+    testkit::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(20))
+        .await
+        .expect("xDS port open");
+
+    let shutdown = CancellationToken::new();
+    let client = AdsClient::start(
+        AdsClientConfig::new(format!("http://127.0.0.1:{port}")),
+        shutdown.clone(),
+    );
+    let state = tokio::time::timeout(Duration::from_secs(10), client.wait_synced())
+        .await
+        .expect("synced from ferry agent");
+    let svc = &state.services["server.demo.client.domain"];
+    assert_eq!(svc.cluster.port, 8443);
+    assert_eq!(svc.endpoints.len(), 1);
+    assert!(state.resolve("server.demo.client.domain").is_some());
+    shutdown.cancel();
+
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("agent stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
