@@ -26,6 +26,14 @@ pub enum DnsError {
         /// The address.
         addr: SocketAddr,
     },
+    /// A socket towards an upstream could not be set up.
+    #[error("cannot open a UDP socket towards upstream {upstream}: {source}")]
+    UpstreamSocket {
+        /// The upstream.
+        upstream: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
     /// resolv.conf could not be read.
     #[error("cannot read upstream resolvers from {}: {reason}", path.display())]
     ResolvConf {
@@ -59,6 +67,15 @@ pub enum ForwardError {
         /// The upstream.
         upstream: SocketAddr,
     },
+    /// The forwarder is shutting down.
+    #[error("forwarder to {upstream} closed")]
+    Closed {
+        /// The upstream.
+        upstream: SocketAddr,
+    },
+    /// A lock was poisoned by a panic elsewhere.
+    #[error("internal state poisoned by an earlier panic")]
+    Poisoned,
     /// The packet is too short to forward.
     #[error("packet too short to forward")]
     Malformed,

@@ -1,16 +1,23 @@
 //! Forwarding to upstream resolvers: the client's packet is relayed byte for byte (so EDNS0
-//! options survive) under a fresh random id from a fresh ephemeral port, over UDP with a
-//! TCP retry when the answer is truncated and the client can take a full one; bounded
-//! in flight and in time, so a dead upstream yields SERVFAIL, never a hang.
+//! options survive) under a fresh random id, over UDP with a TCP retry when the answer is
+//! truncated and the client can take a full one; bounded in flight and in time, so a dead
+//! upstream yields SERVFAIL, never a hang.
+//!
+//! UDP goes through a few long-lived sockets per upstream (random source ports chosen at
+//! start, as c-ares does), each with one receive task that hands answers to the waiting
+//! query by id; an answer is accepted only if it carries our id and our question.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{DnsError, ForwardError};
 
@@ -18,13 +25,21 @@ use crate::error::{DnsError, ForwardError};
 #[derive(Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
+    /// One pool per upstream, same order.
+    pools: Vec<UdpPool>,
     timeout: Duration,
     inflight: Arc<Semaphore>,
+    /// Stops the receive tasks when the forwarder is dropped.
+    _stop: DropGuard,
 }
+
+/// UDP sockets per upstream.
+const SOCKETS_PER_UPSTREAM: usize = 4;
 
 impl Forwarder {
     /// A forwarder over `upstreams` (tried in order), giving up after `timeout` in all, with
-    /// at most `max_inflight` queries outstanding.
+    /// at most `max_inflight` queries outstanding. Must be called inside a Tokio runtime (it
+    /// starts the sockets' receive tasks).
     pub fn new(
         upstreams: Vec<SocketAddr>,
         timeout: Duration,
@@ -33,10 +48,17 @@ impl Forwarder {
         if upstreams.is_empty() {
             return Err(DnsError::NoUpstreams);
         }
+        let stop = CancellationToken::new();
+        let pools = upstreams
+            .iter()
+            .map(|u| UdpPool::start(*u, &stop))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             upstreams,
+            pools,
             timeout,
             inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            _stop: stop.drop_guard(),
         })
     }
 
@@ -68,18 +90,16 @@ impl Forwarder {
         let mut last = ForwardError::Timeout {
             timeout: self.timeout,
         };
-        for upstream in &self.upstreams {
+        for (upstream, pool) in self.upstreams.iter().zip(&self.pools) {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             let budget = per_try.min(deadline - now);
-            let id: u16 = rand::random();
-            let mut out = packet.to_vec();
-            out[..2].copy_from_slice(&id.to_be_bytes());
             let attempt = async {
-                let resp = udp_exchange(*upstream, &out, id, query).await?;
+                let (resp, out) = pool.exchange(packet, query).await?;
                 if full && is_truncated(&resp) {
+                    let id = u16::from_be_bytes([out[0], out[1]]);
                     return tcp_exchange(*upstream, &out, id, query).await;
                 }
                 Ok(resp)
@@ -116,27 +136,118 @@ fn matches(resp: &[u8], id: u16, query: &Message) -> bool {
     Message::from_vec(resp).is_ok_and(|m| m.queries == query.queries)
 }
 
-async fn udp_exchange(
+/// Connected UDP sockets to one upstream and the queries waiting on them.
+#[derive(Debug)]
+struct UdpPool {
     upstream: SocketAddr,
-    out: &[u8],
+    sockets: Vec<Arc<PooledSocket>>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct PooledSocket {
+    sock: UdpSocket,
+    /// Queries in flight on this socket, by id.
+    pending: Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>,
+}
+
+impl UdpPool {
+    fn start(upstream: SocketAddr, stop: &CancellationToken) -> Result<Self, DnsError> {
+        let bind: SocketAddr = if upstream.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let err = |source| DnsError::UpstreamSocket { upstream, source };
+        let mut sockets = Vec::with_capacity(SOCKETS_PER_UPSTREAM);
+        for _ in 0..SOCKETS_PER_UPSTREAM {
+            let std = std::net::UdpSocket::bind(bind).map_err(err)?;
+            std.connect(upstream).map_err(err)?;
+            std.set_nonblocking(true).map_err(err)?;
+            let s = Arc::new(PooledSocket {
+                sock: UdpSocket::from_std(std).map_err(err)?,
+                pending: Mutex::new(HashMap::new()),
+            });
+            tokio::spawn(receive(s.clone(), stop.clone()));
+            sockets.push(s);
+        }
+        Ok(Self {
+            upstream,
+            sockets,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Sends `packet` under a fresh id and waits for the matching answer. Returns the
+    /// answer and the packet as sent (for a TCP retry under the same id).
+    async fn exchange(
+        &self,
+        packet: &[u8],
+        query: &Message,
+    ) -> Result<(Vec<u8>, Vec<u8>), ForwardError> {
+        let upstream = self.upstream;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sockets.len();
+        let s = &self.sockets[i];
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut pending = s.pending.lock().map_err(|_| ForwardError::Poisoned)?;
+            let mut id: u16 = rand::random();
+            while pending.contains_key(&id) {
+                id = rand::random();
+            }
+            pending.insert(id, tx);
+            id
+        };
+        // Whatever happens next (answer, error, timeout dropping this future), the id is freed.
+        let _slot = PendingSlot { socket: s, id };
+        let mut out = packet.to_vec();
+        out[..2].copy_from_slice(&id.to_be_bytes());
+        s.sock
+            .send(&out)
+            .await
+            .map_err(|source| ForwardError::Io { upstream, source })?;
+        let resp = rx.await.map_err(|_| ForwardError::Closed { upstream })?;
+        if matches(&resp, id, query) {
+            Ok((resp, out))
+        } else {
+            Err(ForwardError::Mismatch { upstream })
+        }
+    }
+}
+
+/// Frees a pending id when its query ends, however it ends.
+struct PendingSlot<'a> {
+    socket: &'a PooledSocket,
     id: u16,
-    query: &Message,
-) -> Result<Vec<u8>, ForwardError> {
-    let bind: SocketAddr = if upstream.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
-    let io = |source| ForwardError::Io { upstream, source };
-    let sock = UdpSocket::bind(bind).await.map_err(io)?;
-    sock.connect(upstream).await.map_err(io)?;
-    sock.send(out).await.map_err(io)?;
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.socket.pending.lock() {
+            p.remove(&self.id);
+        }
+    }
+}
+
+/// Hands each datagram to the query waiting on its id; others are dropped.
+async fn receive(s: Arc<PooledSocket>, stop: CancellationToken) {
     let mut buf = vec![0u8; 65535];
     loop {
-        let n = sock.recv(&mut buf).await.map_err(io)?;
-        if matches(&buf[..n], id, query) {
-            buf.truncate(n);
-            return Ok(buf);
+        let n = tokio::select! {
+            r = s.sock.recv(&mut buf) => match r {
+                Ok(n) => n,
+                // ICMP port unreachable and the like: the waiting queries time out.
+                Err(_) => continue,
+            },
+            _ = stop.cancelled() => return,
+        };
+        if n < 12 {
+            continue;
+        }
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        let waiter = s.pending.lock().ok().and_then(|mut p| p.remove(&id));
+        if let Some(tx) = waiter {
+            let _ = tx.send(buf[..n].to_vec());
         }
     }
 }

@@ -60,6 +60,17 @@ impl Envoy {
     /// Starts `binary` with `bootstrap` (YAML) whose admin listens on `admin_port`, and
     /// waits until the admin API answers `/server_info`.
     pub async fn start(binary: &Path, bootstrap: &str, admin_port: u16) -> Result<Self, Error> {
+        Self::start_with_args(binary, bootstrap, admin_port, &[]).await
+    }
+
+    /// [`Envoy::start`] with extra command-line arguments; later ones override the
+    /// defaults (`--concurrency 1`, `--log-level debug`).
+    pub async fn start_with_args(
+        binary: &Path,
+        bootstrap: &str,
+        admin_port: u16,
+        extra: &[&str],
+    ) -> Result<Self, Error> {
         let dir = tempfile::tempdir().map_err(Error::io("create envoy temp dir"))?;
         let cfg = dir.path().join("bootstrap.yaml");
         std::fs::write(&cfg, bootstrap).map_err(Error::io("write bootstrap"))?;
@@ -69,14 +80,15 @@ impl Envoy {
         let child = tokio::process::Command::new(binary)
             .arg("-c")
             .arg(&cfg)
-            .args([
-                "--disable-hot-restart",
-                "--log-level",
-                "debug",
-                "--concurrency",
-                "1",
-            ])
+            .arg("--disable-hot-restart")
+            .args(
+                [["--log-level", "debug"], ["--concurrency", "1"]]
+                    .into_iter()
+                    .filter(|[flag, _]| !extra.contains(flag))
+                    .flatten(),
+            )
             .args(["--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -123,6 +135,11 @@ impl Envoy {
             admin_port,
         )
         .await
+    }
+
+    /// The process id (for /proc measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The admin API address.

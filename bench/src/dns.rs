@@ -1,0 +1,234 @@
+//! The DNS benchmark: `ferry dns` and Envoy's `dns_filter` serve the same federated table
+//! and forward other names to the same loopback upstream; dnsperf drives each in turn,
+//! alternating rounds so machine noise hits both alike.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use testkit::dns::Upstream;
+
+use crate::dnsperf::{self, Summary};
+use crate::procs::{ferry_binary, rss_kib};
+
+/// `ferry-bench dns` options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds per dnsperf run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Rounds (each runs every server on every workload once).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Federated services in the table.
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// dnsperf client sockets.
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// dnsperf queries in flight.
+    #[arg(long, default_value_t = 100)]
+    outstanding: u32,
+    /// Worker threads for both servers (Envoy --concurrency, ferry UDP workers follow cores).
+    #[arg(long, default_value_t = 2)]
+    concurrency: u32,
+}
+
+fn config_yaml(services: usize) -> String {
+    let mut s = String::from(
+        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n",
+    );
+    for i in 0..services {
+        let _ = write!(
+            s,
+            "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata: {{name: svc{i}, namespace: demo, annotations: {{ferry.dev/trust-domain: local.domain}}}}\nspec: {{name: svc{i}, namespace: demo, port: 8443, spiffeIDPaths: [/ns/demo/sa/svc{i}], tlsMode: IstioMtls, gateways: [{{type: istio-eastwestgateway, port: 15443, ip: 127.0.0.10}}]}}\n"
+        );
+    }
+    s
+}
+
+/// Envoy's DNS filter with the same table, TTL and upstream as ferry's resolver.
+fn envoy_bootstrap(
+    config: &xds::config::Config,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    admin: u16,
+) -> String {
+    let mut domains = String::new();
+    for s in &config.services {
+        let _ = write!(
+            domains,
+            "\n                - name: {}\n                  answer_ttl: 30s\n                  endpoint: {{ address_list: {{ address: [\"{}\"] }} }}",
+            s.hostname, s.vip
+        );
+    }
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+    - name: dns
+      address: {{ socket_address: {{ protocol: UDP, address: {ip}, port_value: {port} }} }}
+      listener_filters:
+        - name: envoy.filters.udp.dns_filter
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig
+            stat_prefix: dns
+            case_insensitive: true
+            server_config:
+              inline_dns_table:
+                virtual_domains:{domains}
+            client_config:
+              resolver_timeout: 2s
+              max_pending_lookups: 1024
+              typed_dns_resolver_config:
+                name: envoy.network.dns_resolver.cares
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+                  resolvers: [{{ socket_address: {{ address: {uip}, port_value: {uport} }} }}]
+                  use_resolvers_as_fallback: false
+"#,
+        ip = listen.ip(),
+        port = listen.port(),
+        uip = upstream.ip(),
+        uport = upstream.port(),
+    )
+}
+
+/// Runs the benchmark and prints a Markdown table.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let ferry = ferry_binary()?;
+    let envoy_bin =
+        testkit::envoy::binary().context("no stock Envoy: run ./scripts/install-peers.sh")?;
+    let upstream = Upstream::start().await?;
+    let dir = testkit::tempdir()?;
+    let cfg_path = dir.path().join("ferry.yaml");
+    std::fs::write(&cfg_path, config_yaml(args.services))?;
+    let config = xds::config::load(&cfg_path)?.config;
+
+    let ferry_addr: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let mut ferry_proc = tokio::process::Command::new(&ferry)
+        .args(["--log-level", "warn", "dns", "--config"])
+        .arg(&cfg_path)
+        .args([
+            "--listen",
+            &ferry_addr.to_string(),
+            "--upstream",
+            &upstream.addr().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn ferry dns")?;
+    testkit::wait_for_port(ferry_addr, Duration::from_secs(10)).await?;
+
+    let envoy_addr: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let admin = testkit::free_port();
+    let envoy = testkit::envoy::Envoy::start_with_args(
+        &envoy_bin,
+        &envoy_bootstrap(&config, envoy_addr, upstream.addr(), admin),
+        admin,
+        &[
+            "--concurrency",
+            &args.concurrency.to_string(),
+            "--log-level",
+            "warn",
+        ],
+    )
+    .await?;
+    envoy
+        .wait_admin("/listeners", Duration::from_secs(10), |b| {
+            b.contains("dns::")
+        })
+        .await?;
+
+    let fed = dir.path().join("federated.txt");
+    let names: String = config
+        .services
+        .iter()
+        .map(|s| format!("{} A\n", s.hostname))
+        .collect();
+    std::fs::write(&fed, names)?;
+    let fwd = dir.path().join("forwarded.txt");
+    std::fs::write(&fwd, "www.upstream.test A\ntxt.upstream.test A\n")?;
+
+    let servers = [("ferry", ferry_addr), ("envoy", envoy_addr)];
+    let workloads = [("federated names", &fed), ("forwarded names", &fwd)];
+    let mut results: Vec<Vec<Vec<Summary>>> =
+        vec![vec![Vec::new(); servers.len()]; workloads.len()];
+    for round in 0..args.rounds {
+        for (w, (_, data)) in workloads.iter().enumerate() {
+            // Alternate which server goes first so drift hits both.
+            let order: Vec<usize> = if round % 2 == 0 {
+                vec![0, 1]
+            } else {
+                vec![1, 0]
+            };
+            for s in order {
+                let r = dnsperf::run(
+                    servers[s].1,
+                    data,
+                    args.seconds,
+                    args.clients,
+                    args.outstanding,
+                )?;
+                results[w][s].push(r);
+            }
+        }
+    }
+    let ferry_rss = ferry_proc.id().and_then(rss_kib);
+    let envoy_rss = envoy.pid().and_then(rss_kib);
+    let _ = ferry_proc.kill().await;
+
+    println!(
+        "dnsperf: {} s x {} rounds, {} clients, {} outstanding, {} federated names, {} cores\n",
+        args.seconds,
+        args.rounds,
+        args.clients,
+        args.outstanding,
+        args.services,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!("| workload | server | QPS (mean) | avg latency | lost | ferry/envoy QPS |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (w, (wname, _)) in workloads.iter().enumerate() {
+        let mean = |s: usize| {
+            let rs = &results[w][s];
+            let n = rs.len().max(1) as f64;
+            (
+                rs.iter().map(|r| r.qps).sum::<f64>() / n,
+                rs.iter().map(|r| r.avg_latency).sum::<f64>() / n,
+                rs.iter().map(|r| r.lost).sum::<u64>(),
+            )
+        };
+        let (fq, _, _) = mean(0);
+        let (eq, _, _) = mean(1);
+        for (s, (sname, _)) in servers.iter().enumerate() {
+            let (q, lat, lost) = mean(s);
+            let ratio = if s == 0 {
+                format!("{:.2}x", fq / eq.max(1.0))
+            } else {
+                String::new()
+            };
+            println!(
+                "| {wname} | {sname} | {q:.0} | {:.0} µs | {lost} | {ratio} |",
+                lat * 1e6
+            );
+        }
+    }
+    println!(
+        "\nRSS after the run: ferry {} MiB, envoy {} MiB",
+        ferry_rss
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "?".into()),
+        envoy_rss
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "?".into()),
+    );
+    upstream.stop().await;
+    Ok(())
+}
