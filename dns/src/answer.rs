@@ -19,6 +19,19 @@ pub struct Settings {
     /// Search suffixes (no leading or trailing dot, lowercase) stripped from query names
     /// before a second table lookup, like Kubernetes' `<ns>.svc.cluster.local`.
     pub search_suffixes: Vec<String>,
+    /// How a federated name answers types other than A.
+    pub no_data: NoDataMode,
+}
+
+/// The answer for a federated name asked for a type it has no data of (AAAA, TXT, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoDataMode {
+    /// NOERROR with an empty answer (RFC 8020: the name exists), so stub resolvers use the
+    /// A answer at once. The default.
+    #[default]
+    NoError,
+    /// NXDOMAIN, as Envoy's dns_filter answers: for setups that must match it exactly.
+    NxDomain,
 }
 
 impl Default for Settings {
@@ -26,6 +39,7 @@ impl Default for Settings {
         Self {
             ttl: 30,
             search_suffixes: Vec::new(),
+            no_data: NoDataMode::NoError,
         }
     }
 }
@@ -86,8 +100,13 @@ pub fn decide(packet: &[u8], table: &DnsTable, settings: &Settings) -> Verdict {
             Outcome::Federated
         }
         // AAAA and every other type: the name exists but has no such data (NOERROR, empty),
-        // so stub resolvers fall back to A at once.
-        _ => Outcome::FederatedNoData,
+        // so stub resolvers fall back to A at once; or NXDOMAIN when configured to match Envoy.
+        _ => {
+            if settings.no_data == NoDataMode::NxDomain {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+            }
+            Outcome::FederatedNoData
+        }
     };
     reply(resp, outcome)
 }
@@ -221,10 +240,31 @@ mod tests {
     }
 
     #[test]
+    fn nodata_mode_nxdomain_matches_envoy() {
+        let s = Settings {
+            no_data: NoDataMode::NxDomain,
+            ..Settings::default()
+        };
+        let (m, _) = decode(decide(
+            &query("server.demo.local.domain", RecordType::AAAA, false),
+            &table(),
+            &s,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let (a, _) = decode(decide(
+            &query("server.demo.local.domain", RecordType::A, false),
+            &table(),
+            &s,
+        ));
+        assert_eq!(a.answers.len(), 1, "A is unaffected");
+    }
+
+    #[test]
     fn search_suffixed_names_are_recognised() {
         let s = Settings {
             ttl: 5,
             search_suffixes: vec!["demo.svc.cluster.local".into()],
+            ..Settings::default()
         };
         let q = query(
             "server.demo.local.domain.demo.svc.cluster.local",

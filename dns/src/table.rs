@@ -28,6 +28,17 @@ impl DnsTable {
         Self::new(config.services.iter().map(|s| (s.hostname.as_str(), s.vip)))
     }
 
+    /// The table the ADS client's current state implies (each cluster's hostname and VIP
+    /// from its `ferry` metadata). An empty state (nothing received yet) gives an empty table.
+    pub fn from_xds(state: &xds::client::XdsState) -> Self {
+        Self::new(
+            state
+                .services
+                .values()
+                .map(|s| (s.cluster.hostname.as_str(), s.cluster.vip)),
+        )
+    }
+
     /// Number of federated names.
     pub fn len(&self) -> usize {
         self.names.len()

@@ -44,6 +44,7 @@ async fn setup(timeout: Duration) -> Option<Setup> {
     cfg.settings = Settings {
         ttl: 30,
         search_suffixes: vec!["demo.svc.cluster.local".into(), "svc.cluster.local".into()],
+        ..Settings::default()
     };
     let metrics = Arc::new(Metrics::default());
     let resolver = Resolver::bind(cfg, rx, metrics.clone()).unwrap();

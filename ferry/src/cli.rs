@@ -79,11 +79,17 @@ pub struct AgentArgs {
 
 /// `ferry dns ...`
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "xds"])))]
 pub struct DnsArgs {
-    /// The ferry config whose FederatedServices give the names and VIPs (watched).
+    /// Take names and VIPs from the xDS server at this address (`http://127.0.0.1:18001`
+    /// or `127.0.0.1:18001`), as the sidecar does; the last names received keep serving
+    /// while the server is away.
+    #[arg(long, value_name = "URL")]
+    pub xds: Option<String>,
+    /// Take names and VIPs from this ferry config's FederatedServices instead (watched).
     #[arg(long, short = 'c', env = "FERRY_CONFIG")]
-    pub config: PathBuf,
-    /// UDP and TCP listen address [default: the config's listen.dns, 127.0.0.1:15053].
+    pub config: Option<PathBuf>,
+    /// UDP and TCP listen address [default: the config's listen.dns, else 127.0.0.1:15053].
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
     /// Upstream resolver (repeatable) [default: the nameservers of --resolv-conf].
@@ -96,6 +102,10 @@ pub struct DnsArgs {
     /// `demo.svc.cluster.local` [default: the `search` list of --resolv-conf].
     #[arg(long = "search-suffix", value_name = "DOMAIN")]
     pub search_suffixes: Vec<String>,
+    /// Answer for a federated name asked a type other than A (AAAA, TXT, ...): `noerror`
+    /// (empty answer, RFC 8020) or `nxdomain` (what Envoy's dns_filter says).
+    #[arg(long, value_enum, default_value_t = NoData::Noerror)]
+    pub no_data: NoData,
     /// TTL of federated answers, in seconds.
     #[arg(long, default_value_t = 30)]
     pub ttl: u32,
@@ -105,4 +115,13 @@ pub struct DnsArgs {
     /// Forwarded queries outstanding at once; beyond it, SERVFAIL at once.
     #[arg(long, default_value_t = 1024)]
     pub max_inflight: usize,
+}
+
+/// `--no-data` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NoData {
+    /// NOERROR with no answer.
+    Noerror,
+    /// NXDOMAIN.
+    Nxdomain,
 }

@@ -1,4 +1,4 @@
-//! `ferry dns`: the resolver, fed from the config file.
+//! `ferry dns`: the resolver, fed by ferry's ADS client or by the config file.
 
 use std::sync::Arc;
 
@@ -6,17 +6,24 @@ use anyhow::Context;
 use dns::answer::Settings;
 use dns::metrics::Metrics;
 use dns::{DnsTable, Resolver, ResolverConfig};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use xds::client::{AdsClient, AdsClientConfig};
 use xds::config::ConfigWatcher;
 
 use crate::cli::DnsArgs;
 
 /// Runs the resolver until SIGTERM/SIGINT.
 pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
-    let watcher = ConfigWatcher::start(&args.config)
-        .with_context(|| format!("cannot start with config {}", args.config.display()))?;
-    let mut config = watcher.subscribe();
-    let first = config.borrow_and_update().clone();
+    let stop = CancellationToken::new();
+    let (table, default_listen) = match (&args.xds, &args.config) {
+        (Some(url), _) => (from_xds(url, &stop), xds::config::defaults::DNS),
+        (None, Some(path)) => {
+            let (rx, listen) = from_config(path)?;
+            (rx, listen)
+        }
+        (None, None) => anyhow::bail!("give --xds or --config"),
+    };
 
     let (mut upstreams, mut suffixes) = (args.upstreams, args.search_suffixes);
     if upstreams.is_empty() || suffixes.is_empty() {
@@ -28,35 +35,69 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
             suffixes = search;
         }
     }
-    let mut cfg = ResolverConfig::new(args.listen.unwrap_or(first.agent.listen.dns), upstreams);
+    let mut cfg = ResolverConfig::new(args.listen.unwrap_or(default_listen), upstreams);
     cfg.settings = Settings {
         ttl: args.ttl,
         search_suffixes: suffixes
             .iter()
             .map(|s| dns::table::normalize(s.trim_start_matches('.')))
             .collect(),
+        no_data: match args.no_data {
+            crate::cli::NoData::Noerror => dns::answer::NoDataMode::NoError,
+            crate::cli::NoData::Nxdomain => dns::answer::NoDataMode::NxDomain,
+        },
     };
     cfg.timeout = args.timeout;
     cfg.max_inflight = args.max_inflight;
 
-    let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(DnsTable::from_config(&first)));
-    let resolver = Resolver::bind(cfg, table_rx, Arc::new(Metrics::default()))?;
-    tracing::info!(names = first.services.len(), "federated names loaded");
-
-    // The config watcher is the one writer of the table.
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        while config.changed().await.is_ok() {
-            let table = DnsTable::from_config(&config.borrow_and_update());
-            tracing::info!(names = table.len(), "federated names updated");
-            table_tx.send_replace(Arc::new(table));
-        }
-    });
-
-    let stop = CancellationToken::new();
+    let resolver = Resolver::bind(cfg, table, Arc::new(Metrics::default()))?;
     let serving = tokio::spawn(resolver.run(stop.clone()));
     crate::agent::shutdown_signal().await;
     stop.cancel();
     serving.await.context("resolver task failed")?;
     Ok(())
+}
+
+/// The table from ferry's ADS client: one task copies each new xDS state into it.
+fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable>> {
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let mut client_cfg = AdsClientConfig::new(url);
+    client_cfg.node_id = "ferry-dns".to_owned();
+    let client = AdsClient::start(client_cfg, stop.clone());
+    let mut states = client.subscribe();
+    let (tx, rx) = watch::channel(Arc::new(DnsTable::from_xds(&states.borrow_and_update())));
+    tokio::spawn(async move {
+        let _client = client;
+        while states.changed().await.is_ok() {
+            let table = DnsTable::from_xds(&states.borrow_and_update());
+            tracing::info!(names = table.len(), "federated names updated from xDS");
+            tx.send_replace(Arc::new(table));
+        }
+    });
+    rx
+}
+
+/// The table from the config file (hot reloaded), and the config's DNS listen address.
+fn from_config(
+    path: &std::path::Path,
+) -> anyhow::Result<(watch::Receiver<Arc<DnsTable>>, std::net::SocketAddr)> {
+    let watcher = ConfigWatcher::start(path)
+        .with_context(|| format!("cannot start with config {}", path.display()))?;
+    let mut config = watcher.subscribe();
+    let first = config.borrow_and_update().clone();
+    tracing::info!(names = first.services.len(), "federated names loaded");
+    let (tx, rx) = watch::channel(Arc::new(DnsTable::from_config(&first)));
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        while config.changed().await.is_ok() {
+            let table = DnsTable::from_config(&config.borrow_and_update());
+            tracing::info!(names = table.len(), "federated names updated");
+            tx.send_replace(Arc::new(table));
+        }
+    });
+    Ok((rx, first.agent.listen.dns))
 }

@@ -20,6 +20,7 @@ fn fixture() -> &'static (DnsTable, Settings) {
             Settings {
                 ttl: 30,
                 search_suffixes: vec!["demo.svc.cluster.local".into(), "svc.cluster.local".into()],
+                ..Settings::default()
             },
         )
     })

@@ -1,0 +1,183 @@
+//! Parity: for the same ferry config, stock Envoy's `dns_filter` (fed by `ferry agent`'s
+//! xDS) and `ferry dns` (fed by the same xDS through ferry's ADS client) give the same
+//! answers for every federated name.
+
+#![allow(clippy::unwrap_used)] // test setup: a failure should panic with its cause
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use testkit::dns::{DigAnswer, dig, dig_available};
+
+fn config(dir: &std::path::Path, xds: SocketAddr, envoy_dns: SocketAddr) -> String {
+    let mut s = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: {xds}\n  dns: {envoy_dns}\n  workloadApi: unix://{}/agent.sock\nca:\n  stateDir: {}/ca\n",
+        dir.display(),
+        dir.display()
+    );
+    for (name, ns) in [("server", "demo"), ("payments", "shop"), ("api", "demo")] {
+        s.push_str(&format!(
+            "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{ferry.dev/trust-domain: local.domain}}}}\nspec: {{name: {name}, namespace: {ns}, port: 9443, spiffeIDPaths: [/ns/{ns}/sa/{name}], tlsMode: Mtls, gateways: [{{type: istio-eastwestgateway, port: 15443, ip: 127.0.0.10}}]}}\n"
+        ));
+    }
+    s
+}
+
+fn spawn(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The parts of an answer both must agree on.
+fn key(a: &DigAnswer) -> (String, Vec<(String, u32, String, String)>) {
+    let mut answers = a.answers.clone();
+    answers.sort();
+    (a.status.clone(), answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
+    let Some(envoy_bin) = testkit::envoy::require() else {
+        return;
+    };
+    if !testkit::require("dig (Debian package dnsutils)", dig_available()) {
+        return;
+    }
+    let dir = testkit::tempdir().unwrap();
+    let xds: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let envoy_dns: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let ferry_dns: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let ferry_nx: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(&path, config(dir.path(), xds, envoy_dns)).unwrap();
+
+    let mut agent = spawn(&["agent", "--config", path.to_str().unwrap()]);
+    testkit::wait_for_port(xds, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let envoy =
+        testkit::envoy::Envoy::start_sidecar(&envoy_bin, xds, &dir.path().join("agent.sock"))
+            .await
+            .unwrap();
+    envoy
+        .wait_admin("/listeners", Duration::from_secs(20), |b| {
+            b.contains("dns::")
+        })
+        .await
+        .unwrap();
+    let _dns = spawn(&[
+        "dns",
+        "--xds",
+        &format!("http://{xds}"),
+        "--listen",
+        &ferry_dns.to_string(),
+        "--upstream",
+        "127.0.0.1:9",
+        "--search-suffix",
+        "svc.cluster.local",
+    ]);
+
+    let names = [
+        "server.demo.local.domain",
+        "payments.shop.local.domain",
+        "API.Demo.Local.Domain.",
+    ];
+    // Both have learned the names once each answers the first one.
+    for server in [envoy_dns, ferry_dns] {
+        testkit::wait_until(
+            &format!("{server} answers"),
+            Duration::from_secs(20),
+            || async move {
+                dig(server, names[0], "A", &[])
+                    .await
+                    .is_ok_and(|a| !a.answers.is_empty())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let vips: std::collections::BTreeMap<String, String> = {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "config",
+                "vips",
+                "--json",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for name in names {
+        let e = dig(envoy_dns, name, "A", &[]).await.unwrap();
+        let f = dig(ferry_dns, name, "A", &[]).await.unwrap();
+        assert_eq!(
+            key(&e),
+            key(&f),
+            "A {name}\nenvoy:\n{}\nferry:\n{}",
+            e.raw,
+            f.raw
+        );
+        let want = &vips[&name.trim_end_matches('.').to_ascii_lowercase()];
+        assert_eq!(&f.answers[0].3, want, "{}", f.raw);
+    }
+    // AAAA: no data from either. Envoy says NXDOMAIN; ferry by default says NOERROR (RFC
+    // 8020: the name exists) and, with --no-data nxdomain, exactly what Envoy says.
+    let _ferry_nx = spawn(&[
+        "dns",
+        "--xds",
+        &format!("http://{xds}"),
+        "--listen",
+        &ferry_nx.to_string(),
+        "--upstream",
+        "127.0.0.1:9",
+        "--search-suffix",
+        "svc.cluster.local",
+        "--no-data",
+        "nxdomain",
+    ]);
+    testkit::wait_until(
+        "ferry --no-data nxdomain answers",
+        Duration::from_secs(20),
+        || async move {
+            dig(ferry_nx, names[0], "A", &[])
+                .await
+                .is_ok_and(|a| !a.answers.is_empty())
+        },
+    )
+    .await
+    .unwrap();
+    for name in names {
+        let e = dig(envoy_dns, name, "AAAA", &[]).await.unwrap();
+        let f = dig(ferry_dns, name, "AAAA", &[]).await.unwrap();
+        let n = dig(ferry_nx, name, "AAAA", &[]).await.unwrap();
+        assert!(
+            e.answers.is_empty() && f.answers.is_empty(),
+            "{}\n{}",
+            e.raw,
+            f.raw
+        );
+        assert_eq!(f.status, "NOERROR", "{}", f.raw);
+        assert_eq!(
+            key(&e),
+            key(&n),
+            "AAAA {name}\nenvoy:\n{}\nferry --no-data nxdomain:\n{}",
+            e.raw,
+            n.raw
+        );
+    }
+
+    // The control plane goes away: the last names learned keep serving.
+    agent.kill().await.unwrap();
+    agent.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let f = dig(ferry_dns, names[0], "A", &[]).await.unwrap();
+    assert_eq!(f.answers[0].3, vips[names[0]], "still serving without xDS: {}", f.raw);
+}
