@@ -112,6 +112,10 @@ pub struct DnsArgs {
     /// Time allowed for a forwarded query before SERVFAIL.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (queries by result, forwarded,
+    /// malformed, upstream latency).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
     /// Forwarded queries outstanding at once; beyond it, SERVFAIL at once.
     #[arg(long, default_value_t = 1024)]
     pub max_inflight: usize,

@@ -50,7 +50,16 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     cfg.timeout = args.timeout;
     cfg.max_inflight = args.max_inflight;
 
-    let resolver = Resolver::bind(cfg, table, Arc::new(Metrics::default()))?;
+    let metrics = Arc::new(Metrics::default());
+    let resolver = Resolver::bind(cfg, table, metrics.clone())?;
+    if let Some(addr) = args.admin {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(registry.sub_registry_with_prefix("ferry_dns"));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for --admin on {addr}"))?;
+        tokio::spawn(crate::admin::serve(listener, registry, stop.clone()));
+    }
     let serving = tokio::spawn(resolver.run(stop.clone()));
     crate::agent::shutdown_signal().await;
     stop.cancel();

@@ -1,6 +1,7 @@
 //! The `ferry` command: argument parsing and wiring only. Every behaviour lives in the
 //! library crates, where tests reach it.
 
+mod admin;
 mod agent;
 mod cli;
 mod config_cmd;

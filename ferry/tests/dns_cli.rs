@@ -31,6 +31,7 @@ async fn ferry_dns_serves_config_names_and_follows_edits() {
     let path = dir.path().join("ferry.yaml");
     std::fs::write(&path, config(&["server"])).unwrap();
     let listen: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["dns", "--config"])
         .arg(&path)
@@ -40,7 +41,12 @@ async fn ferry_dns_serves_config_names_and_follows_edits() {
             "--upstream",
             &upstream.addr().to_string(),
         ])
-        .args(["--search-suffix", "demo.svc.cluster.local"])
+        .args([
+            "--search-suffix",
+            "demo.svc.cluster.local",
+            "--admin",
+            &admin.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -68,6 +74,28 @@ async fn ferry_dns_serves_config_names_and_follows_edits() {
     );
     let w = dig(listen, "www.upstream.test", "A", &[]).await.unwrap();
     assert_eq!(w.answers[0].3, UPSTREAM_WWW.to_string(), "{}", w.raw);
+
+    // The admin endpoint counts what happened.
+    let m = testkit::http::get(admin, "/metrics").await.unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body
+            .contains("ferry_dns_queries_total{result=\"Federated\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("ferry_dns_queries_total{result=\"Forwarded\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("ferry_dns_upstream_latency_seconds_count 1"),
+        "{}",
+        m.body
+    );
 
     // Add a service: its name resolves without a restart.
     std::fs::write(&path, config(&["server", "api"])).unwrap();
