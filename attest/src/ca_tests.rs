@@ -175,7 +175,7 @@ fn new_root_is_published_before_it_signs() {
         .iter()
         .find(|g| g.status == Status::Active)
         .unwrap();
-    x509::verify_chain(&[active.v.cert.der.clone()], &new_root, step_t).unwrap();
+    x509::verify_chain(std::slice::from_ref(&active.v.cert.der), &new_root, step_t).unwrap();
 }
 
 #[test]

@@ -1,0 +1,79 @@
+//! Benchmarks: X.509-SVIDs issued per second by the software CA, and the latency of
+//! `FetchX509SVID` until its first message over the Unix socket (real `spiffe` client).
+//!
+//! Run: `cargo bench -p workload-api --bench svid`.
+
+// A bench is test code: a failed setup should stop it loudly.
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tokio_util::sync::CancellationToken;
+use xds::spiffe::SpiffeId;
+
+fn issue(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = attest::Authority::open(
+        attest::AuthorityConfig {
+            trust_domain: xds::spiffe::TrustDomain::parse("example.org").expect("td"),
+            state_dir: dir.path().to_owned(),
+            root_ttl: Duration::from_secs(240 * 3600),
+            ca_ttl: Duration::from_secs(24 * 3600),
+        },
+        Arc::new(attest::SoftwareKeyStore::new(dir.path().join("keys"))),
+    )
+    .expect("CA");
+    let id = SpiffeId::parse("spiffe://example.org/ns/bench/sa/app").expect("id");
+    let mut g = c.benchmark_group("ca");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("issue_x509_svid", |b| {
+        b.iter(|| {
+            ca.issue_x509_svid(&id, Duration::from_secs(3600))
+                .expect("issue")
+        })
+    });
+    g.bench_function("issue_jwt_svid", |b| {
+        let aud = vec!["bench".to_owned()];
+        b.iter(|| {
+            ca.issue_jwt_svid(&id, &aud, Duration::from_secs(300))
+                .expect("issue")
+        })
+    });
+    g.finish();
+}
+
+fn fetch_first_message(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uid = nix::unistd::geteuid().as_raw();
+    let yaml = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: example.org\nlisten:\n  workloadApi: unix://{d}/agent.sock\nca:\n  stateDir: {d}/ca\nregistrationEntries:\n  - spiffeId: spiffe://example.org/bench\n    selectors: [\"unix:uid:{uid}\"]\n",
+        d = dir.path().display()
+    );
+    let cfg = dir.path().join("ferry.yaml");
+    std::fs::write(&cfg, yaml).expect("write config");
+    let shutdown = CancellationToken::new();
+    let (client, _watcher) = rt.block_on(async {
+        let watcher = xds::config::ConfigWatcher::start(&cfg).expect("config");
+        let server = workload_api::WorkloadApiServer::start(watcher.subscribe(), shutdown.clone())
+            .expect("server");
+        tokio::spawn(server.serve());
+        let ep = format!("unix://{}/agent.sock", dir.path().display());
+        let client = spiffe::WorkloadApiClient::connect_to(ep)
+            .await
+            .expect("client");
+        (client, watcher)
+    });
+    let mut g = c.benchmark_group("workload_api");
+    g.bench_function("fetch_x509_svid_first_message", |b| {
+        b.to_async(&rt)
+            .iter(|| async { client.fetch_x509_svid().await.expect("fetch") })
+    });
+    g.finish();
+    shutdown.cancel();
+}
+
+criterion_group!(benches, issue, fetch_first_message);
+criterion_main!(benches);

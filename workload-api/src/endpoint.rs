@@ -1,0 +1,223 @@
+//! The listening socket: `unix:///path` (the normal case: peer credentials identify the
+//! caller) or `tcp://ip:port`. Each accepted connection carries a [`PeerInfo`] that tonic
+//! hands to every request as a connection extension.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tonic::transport::server::Connected;
+use xds::config::Endpoint;
+
+use crate::error::Error;
+
+/// The kernel's word on who is at the other end of a Unix socket (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id at connect time.
+    pub pid: i32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// What is known about a connection's peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Unix sockets: the peer's credentials.
+    pub cred: Option<PeerCred>,
+    /// TCP: the peer's address.
+    pub remote: Option<std::net::SocketAddr>,
+    /// TCP: our address on this connection.
+    pub local: Option<std::net::SocketAddr>,
+}
+
+/// An accepted connection with its peer facts.
+#[derive(Debug)]
+pub enum PeerStream {
+    /// From the Unix socket.
+    Unix(UnixStream, PeerInfo),
+    /// From the TCP listener.
+    Tcp(TcpStream, PeerInfo),
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            PeerStream::Unix(_, p) | PeerStream::Tcp(_, p) => p.clone(),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            PeerStream::Unix($s, _) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            PeerStream::Tcp($s, _) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// A bound listener. Dropping it removes the socket file it created.
+#[derive(Debug)]
+pub enum Listener {
+    /// A Unix socket at this path.
+    Unix(UnixListener, PathBuf),
+    /// A TCP listener.
+    Tcp(TcpListener),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the endpoint. For a Unix socket: creates the parent directory if missing (0755),
+/// replaces a stale socket file only when nothing accepts connections on it, and makes
+/// the socket 0666 so any local workload can call (who gets what is decided by attestation;
+/// access to the socket is controlled by the directory the operator chooses).
+pub fn bind(endpoint: &Endpoint) -> Result<Listener, Error> {
+    let ep = endpoint.to_string();
+    let err = |action: &'static str| {
+        let ep = ep.clone();
+        move |source| Error::Listen {
+            endpoint: ep,
+            action,
+            source,
+        }
+    };
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let std = std::net::TcpListener::bind(addr).map_err(err("bind"))?;
+            std.set_nonblocking(true).map_err(err("set non-blocking"))?;
+            Ok(Listener::Tcp(
+                TcpListener::from_std(std).map_err(err("register"))?,
+            ))
+        }
+        Endpoint::Unix(path) => {
+            if let Some(dir) = path.parent()
+                && !dir.exists()
+            {
+                std::fs::create_dir_all(dir).map_err(err("create socket directory"))?;
+            }
+            remove_stale(path)?;
+            let l = UnixListener::bind(path).map_err(err("bind"))?;
+            let listener = Listener::Unix(l, path.clone());
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .map_err(err("chmod 0666"))?;
+            Ok(listener)
+        }
+    }
+}
+
+fn remove_stale(path: &Path) -> Result<(), Error> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::SocketInUse {
+            path: path.to_owned(),
+        }),
+        Err(_) => {
+            tracing::info!(path = %path.display(), "removing stale Workload API socket (nothing listens on it)");
+            std::fs::remove_file(path).map_err(|source| Error::Listen {
+                endpoint: format!("unix://{}", path.display()),
+                action: "remove stale socket",
+                source,
+            })
+        }
+    }
+}
+
+fn unix_peer(s: &UnixStream) -> PeerInfo {
+    let cred = match getsockopt(s, PeerCredentials) {
+        Ok(c) => Some(PeerCred {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "SO_PEERCRED failed; the caller cannot be attested");
+            None
+        }
+    };
+    PeerInfo {
+        cred,
+        ..PeerInfo::default()
+    }
+}
+
+impl Listener {
+    /// The accepted connections, each with its [`PeerInfo`].
+    pub fn incoming(self) -> impl Stream<Item = io::Result<PeerStream>> + Send {
+        futures::stream::unfold(self, |l| async move {
+            let res = match &l {
+                Listener::Unix(u, _) => u.accept().await.map(|(s, _)| {
+                    let p = unix_peer(&s);
+                    PeerStream::Unix(s, p)
+                }),
+                Listener::Tcp(t) => t.accept().await.map(|(s, remote)| {
+                    let p = PeerInfo {
+                        cred: None,
+                        remote: Some(remote),
+                        local: s.local_addr().ok(),
+                    };
+                    PeerStream::Tcp(s, p)
+                }),
+            };
+            Some((res, l))
+        })
+    }
+}

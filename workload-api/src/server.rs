@@ -1,0 +1,112 @@
+//! Wiring: opens the CA, binds the socket, and serves the Workload API and SDS on it until
+//! shutdown.
+
+use std::sync::Arc;
+
+use attest::{Authority, AuthorityConfig};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use xds::config::{Config, Endpoint};
+
+use crate::core::Core;
+use crate::endpoint::{self, Listener};
+use crate::error::Error;
+use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::sds::Sds;
+use crate::state::{self, SvidCache};
+use crate::workload::{WorkloadApi, require_security_header};
+
+/// A bound, ready Workload API server: the socket accepts connections from the moment
+/// [`WorkloadApiServer::start`] returns; [`WorkloadApiServer::serve`] answers them.
+#[derive(Debug)]
+pub struct WorkloadApiServer {
+    listener: Listener,
+    core: Arc<Core>,
+    endpoint: Endpoint,
+}
+
+impl WorkloadApiServer {
+    /// Opens (or creates) the CA from the current config, starts CA rotation and the
+    /// snapshot task, and binds `listen.workloadApi`. Must run inside a Tokio runtime.
+    pub fn start(
+        config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        let agent = config.borrow().agent.clone();
+        let authority = Authority::open(
+            AuthorityConfig::from_agent(&agent),
+            attest::key_store(&agent)?,
+        )?;
+        Self::with_authority(authority, config, shutdown)
+    }
+
+    /// Like [`start`](Self::start) with a CA the caller opened (benches, tests, or a TPM
+    /// key store).
+    pub fn with_authority(
+        authority: Arc<Authority>,
+        config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        let endpoint = config.borrow().agent.listen.workload_api.clone();
+        let listener = endpoint::bind(&endpoint)?;
+        tokio::spawn(authority.clone().run(shutdown.child_token()));
+        let snapshot = state::start(config, authority.clone(), shutdown.clone());
+        let core = Arc::new(Core {
+            authority,
+            snapshot,
+            cache: SvidCache::default(),
+            shutdown,
+        });
+        tracing::info!(%endpoint, "Workload API and SDS listening");
+        Ok(Self {
+            listener,
+            core,
+            endpoint,
+        })
+    }
+
+    /// The endpoint being served.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The CA behind the server.
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.core.authority
+    }
+
+    /// Serves until the shutdown token is cancelled; open streams end at shutdown, and the
+    /// socket file is removed.
+    pub async fn serve(self) -> Result<(), Error> {
+        let Self {
+            listener,
+            core,
+            endpoint,
+        } = self;
+        let stop = core.shutdown.clone();
+        let wapi = SpiffeWorkloadApiServer::with_interceptor(
+            WorkloadApi::new(core.clone()),
+            require_security_header,
+        );
+        let sds = SecretDiscoveryServiceServer::new(Sds::new(core));
+        tonic::transport::Server::builder()
+            .add_service(wapi)
+            .add_service(sds)
+            .serve_with_incoming_shutdown(
+                listener.incoming(),
+                async move { stop.cancelled().await },
+            )
+            .await?;
+        tracing::info!(%endpoint, "Workload API stopped");
+        Ok(())
+    }
+}
+
+/// Runs the Workload API for `ferry agent` until `shutdown` is cancelled.
+pub async fn run(
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    WorkloadApiServer::start(config, shutdown)?.serve().await
+}

@@ -1,0 +1,271 @@
+//! What every stream reads: one [`Snapshot`] (registration entries, own and federated
+//! bundles) kept current by a single task, plus the shared X.509-SVID cache. Streams wait
+//! on the snapshot's watch channel, so registration, CA and bundle-file changes reach them
+//! all at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use attest::{Authority, JwtBundle, X509Svid};
+use base64::Engine;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use xds::config::{Config, RegistrationEntry, Selector};
+use xds::spiffe::{SpiffeId, TrustDomain};
+
+use crate::error::Error;
+
+/// One trust domain's published keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bundle {
+    /// X.509 authorities, DER.
+    pub x509: Vec<Vec<u8>>,
+    /// JWT authorities.
+    pub jwt: JwtBundle,
+}
+
+/// Everything a response is built from, at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Our trust domain.
+    pub trust_domain: TrustDomain,
+    /// Registration entries, in config order (the first match is the default SVID).
+    pub entries: Vec<RegistrationEntry>,
+    /// Default X.509-SVID lifetime.
+    pub svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    pub jwt_svid_ttl: Duration,
+    /// Our own bundle.
+    pub own: Bundle,
+    /// Federated trust domains' bundles (from `trustBundles` files).
+    pub federated: BTreeMap<TrustDomain, Bundle>,
+    /// True when some entry uses `unix:sha256:` (attestation then hashes executables).
+    pub needs_sha256: bool,
+}
+
+impl Snapshot {
+    /// Every bundle, own first, keyed by trust domain.
+    pub fn all_bundles(&self) -> BTreeMap<TrustDomain, &Bundle> {
+        let mut m: BTreeMap<TrustDomain, &Bundle> =
+            self.federated.iter().map(|(k, v)| (k.clone(), v)).collect();
+        m.insert(self.trust_domain.clone(), &self.own);
+        m
+    }
+
+    /// JWT bundles of every trust domain (for validation).
+    pub fn jwt_bundles(&self) -> BTreeMap<TrustDomain, JwtBundle> {
+        self.all_bundles()
+            .into_iter()
+            .map(|(k, v)| (k, v.jwt.clone()))
+            .collect()
+    }
+}
+
+fn build(config: &Config, authority: &Authority) -> Snapshot {
+    let agent = &config.agent;
+    let mut federated = BTreeMap::new();
+    for (td, src) in &agent.trust_bundles {
+        if *td == agent.trust_domain {
+            continue;
+        }
+        match load_bundle(td, &src.file) {
+            Ok(b) => {
+                federated.insert(td.clone(), b);
+            }
+            Err(e) => tracing::warn!(error = %e, "federated bundle not loaded; keeping it out"),
+        }
+    }
+    Snapshot {
+        trust_domain: agent.trust_domain.clone(),
+        entries: agent.registration_entries.clone(),
+        svid_ttl: agent.ca.svid_ttl,
+        jwt_svid_ttl: agent.ca.jwt_svid_ttl,
+        own: Bundle {
+            x509: authority.x509_authorities(),
+            jwt: authority.jwt_bundle(),
+        },
+        federated,
+        needs_sha256: agent
+            .registration_entries
+            .iter()
+            .any(|e| e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))),
+    }
+}
+
+/// Reads a bundle file: PEM certificates, or a SPIFFE bundle (JWKS whose `x509-svid` keys
+/// carry `x5c` and whose `jwt-svid` keys verify JWTs).
+pub fn load_bundle(td: &TrustDomain, path: &std::path::Path) -> Result<Bundle, Error> {
+    let err = |reason: String| Error::Bundle {
+        trust_domain: td.to_string(),
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if text.contains("-----BEGIN CERTIFICATE-----") {
+        let x509 = attest::x509::pem_decode_all(&text, "CERTIFICATE");
+        return Ok(Bundle {
+            x509,
+            jwt: JwtBundle::default(),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| err(format!("neither PEM nor JSON: {e}")))?;
+    let mut x509 = Vec::new();
+    for k in v
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if k.get("use").and_then(|u| u.as_str()) == Some("x509-svid") {
+            for c in k
+                .get("x5c")
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(der) = c
+                    .as_str()
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                {
+                    x509.push(der);
+                }
+            }
+        }
+    }
+    let jwt = JwtBundle::from_jwks(&bytes).map_err(|e| err(e.to_string()))?;
+    Ok(Bundle { x509, jwt })
+}
+
+/// Starts the task that keeps the snapshot current: it rebuilds on a config change, a CA
+/// change (rotation) or a write to any federated bundle file.
+pub fn start(
+    mut config: watch::Receiver<Arc<Config>>,
+    authority: Arc<Authority>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<Snapshot>> {
+    let first = build(&config.borrow_and_update(), &authority);
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        let mut ca = authority.subscribe();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
+        let mut watched: Vec<PathBuf> = Vec::new();
+        let mut watcher: Option<notify::RecommendedWatcher> = None;
+        loop {
+            let cfg = config.borrow_and_update().clone();
+            let mut dirs: Vec<PathBuf> = cfg
+                .agent
+                .trust_bundles
+                .values()
+                .filter_map(|b| b.file.parent().map(PathBuf::from))
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            if dirs != watched {
+                watcher = watch_dirs(&dirs, ev_tx.clone());
+                watched = dirs;
+            }
+            let snap = build(&cfg, &authority);
+            tx.send_if_modified(|cur| {
+                if **cur == snap {
+                    false
+                } else {
+                    *cur = Arc::new(snap);
+                    true
+                }
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = config.changed() => if r.is_err() { break },
+                r = ca.changed() => if r.is_err() { break },
+                Some(()) = ev_rx.recv() => {
+                    // Editors write in bursts: let it settle, then take it all as one change.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while ev_rx.try_recv().is_ok() {}
+                }
+            }
+        }
+        drop(watcher);
+    });
+    rx
+}
+
+fn watch_dirs(
+    dirs: &[PathBuf],
+    tx: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    if dirs.is_empty() {
+        return None;
+    }
+    let mut w = match notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
+        if r.is_ok() {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch trust bundle files; changes need a config reload");
+            return None;
+        }
+    };
+    for d in dirs {
+        if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch trust bundle directory");
+        }
+    }
+    Some(w)
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    svid: Arc<X509Svid>,
+    rotate_at: SystemTime,
+    issuer: Option<String>,
+}
+
+/// X.509-SVIDs shared by every stream for the same identity, re-issued at half-life
+/// (+/-10% jitter) or when the CA's issuing intermediate changes.
+#[derive(Debug, Default)]
+pub struct SvidCache {
+    map: Mutex<HashMap<(SpiffeId, Duration), Cached>>,
+}
+
+impl SvidCache {
+    /// The current SVID for `id` with lifetime `ttl`, issuing a new one when due; returns it
+    /// with the instant it should next be rotated.
+    pub fn get(
+        &self,
+        authority: &Authority,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(Arc<X509Svid>, SystemTime), attest::Error> {
+        let now = SystemTime::now();
+        let issuer = authority.active_issuer_serial();
+        let key = (id.clone(), ttl);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key)
+            && now < c.rotate_at
+            && c.issuer == issuer
+        {
+            return Ok((c.svid.clone(), c.rotate_at));
+        }
+        let svid = Arc::new(authority.issue_x509_svid(id, ttl)?);
+        let life = svid.not_after.duration_since(now).unwrap_or_default();
+        let jitter: f64 = rand::random_range(0.9..1.1);
+        let rotate_at = now + life.mul_f64(0.5 * jitter);
+        tracing::debug!(%id, serial = %svid.serial, ?life, "issued X.509-SVID");
+        map.insert(
+            key,
+            Cached {
+                svid: svid.clone(),
+                rotate_at,
+                issuer,
+            },
+        );
+        Ok((svid, rotate_at))
+    }
+}

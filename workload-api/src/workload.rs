@@ -1,0 +1,292 @@
+//! The `SpiffeWorkloadAPI` gRPC service (no proto package): X.509 and JWT SVIDs and
+//! bundles for attested callers, with every stream message carrying the full state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use xds::spiffe::SpiffeId;
+
+use crate::core::{Core, instant_of};
+use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
+use crate::proto::*;
+use crate::state::Snapshot;
+
+/// The metadata key every Workload API call must carry with value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Rejects calls without `workload.spiffe.io: true` (`InvalidArgument`), as the SPIFFE
+/// Workload API spec requires; this keeps browsers and SSRF-style proxies out.
+#[allow(clippy::result_large_err)]
+pub fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
+        Some(Ok("true")) => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    core: Arc<Core>,
+}
+
+impl WorkloadApi {
+    /// A service over the shared core.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+type Push<M> = ReceiverStream<Result<M, Status>>;
+type Make<M> = dyn Fn(&Core, &Snapshot) -> Result<(M, Option<SystemTime>), Status> + Send + Sync;
+
+/// Sends `make`'s message at once, then again whenever the snapshot changes or the
+/// deadline `make` returned passes, skipping messages equal to the last one sent. The
+/// first failure is returned as the RPC's status.
+async fn push<M>(core: Arc<Core>, make: Box<Make<M>>) -> Result<Response<Push<M>>, Status>
+where
+    M: PartialEq + Clone + Send + Sync + 'static,
+{
+    let mut snap_rx = core.snapshot.clone();
+    let snap = snap_rx.borrow_and_update().clone();
+    let (first, mut next) = make(&core, &snap)?;
+    let (tx, rx) = mpsc::channel(4);
+    let _ = tx.send(Ok(first.clone())).await;
+    tokio::spawn(async move {
+        let mut last = first;
+        loop {
+            let deadline = next.map(instant_of);
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                r = snap_rx.changed() => if r.is_err() { return },
+                _ = async { match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                } } => {}
+            }
+            let snap = snap_rx.borrow_and_update().clone();
+            match make(&core, &snap) {
+                Ok((msg, n)) => {
+                    next = n;
+                    if msg != last {
+                        if tx.send(Ok(msg.clone())).await.is_err() {
+                            return;
+                        }
+                        last = msg;
+                    }
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+fn td_key(td: &xds::spiffe::TrustDomain) -> String {
+    td.id_string()
+}
+
+fn x509_bundles(snap: &Snapshot) -> HashMap<String, Vec<u8>> {
+    snap.all_bundles()
+        .into_iter()
+        .filter(|(_, b)| !b.x509.is_empty())
+        .map(|(td, b)| (td_key(&td), b.x509.concat()))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Push<X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.core.caller(&request)?;
+        push(
+            self.core.clone(),
+            Box::new(move |core, snap| {
+                let (granted, next) = core.granted(snap, &caller)?;
+                let bundle = snap.own.x509.concat();
+                let svids = granted
+                    .iter()
+                    .map(|g| X509svid {
+                        spiffe_id: g.entry.spiffe_id.to_string(),
+                        x509_svid: g.svid.chain_der(),
+                        x509_svid_key: g.svid.key_pkcs8.clone(),
+                        bundle: bundle.clone(),
+                        hint: g.entry.hint.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                let mut federated = x509_bundles(snap);
+                federated.remove(&td_key(&snap.trust_domain));
+                Ok((
+                    X509svidResponse {
+                        svids,
+                        crl: vec![],
+                        federated_bundles: federated,
+                    },
+                    Some(next),
+                ))
+            }),
+        )
+        .await
+    }
+
+    type FetchX509BundlesStream = Push<X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.core.caller(&request)?;
+        push(
+            self.core.clone(),
+            Box::new(move |core, snap| {
+                core.entries(snap, &caller)?;
+                Ok((
+                    X509BundlesResponse {
+                        crl: vec![],
+                        bundles: x509_bundles(snap),
+                    },
+                    None,
+                ))
+            }),
+        )
+        .await
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let caller = self.core.caller(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let snap = self.core.snapshot.borrow().clone();
+        let mut entries = self.core.entries(&snap, &caller)?;
+        if !req.spiffe_id.is_empty() {
+            let want = SpiffeId::parse(&req.spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+            entries.retain(|e| e.spiffe_id == want);
+            if entries.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {want}"
+                )));
+            }
+        }
+        let mut svids = Vec::with_capacity(entries.len());
+        for e in entries {
+            let jwt = self
+                .core
+                .authority
+                .issue_jwt_svid(&e.spiffe_id, &req.audience, snap.jwt_svid_ttl)
+                .map_err(|err| Status::unavailable(format!("cannot issue JWT-SVID: {err}")))?;
+            svids.push(Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: jwt.token,
+                hint: e.hint.clone().unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    type FetchJWTBundlesStream = Push<JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = self.core.caller(&request)?;
+        push(
+            self.core.clone(),
+            Box::new(move |core, snap| {
+                core.entries(snap, &caller)?;
+                let bundles = snap
+                    .all_bundles()
+                    .into_iter()
+                    .filter(|(_, b)| !b.jwt.is_empty())
+                    .map(|(td, b)| (td_key(&td), b.jwt.to_jwks()))
+                    .collect();
+                Ok((JwtBundlesResponse { bundles }, None))
+            }),
+        )
+        .await
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundles = self.core.snapshot.borrow().jwt_bundles();
+        let claims = attest::jwt::validate(&req.svid, &req.audience, &bundles, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("JWT-SVID {e}")))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: claims.spiffe_id.to_string(),
+            claims: Some(to_struct(claims.all)),
+        }))
+    }
+
+    type FetchWITSVIDStream = Push<WitsvidResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "WIT-SVIDs are not supported by ferry",
+        ))
+    }
+
+    type FetchWITBundlesStream = Push<WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "WIT bundles are not supported by ferry",
+        ))
+    }
+}
+
+fn to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
