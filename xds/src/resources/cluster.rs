@@ -79,7 +79,31 @@ pub fn cluster(svc: &FederatedService) -> Resource {
             ))),
         });
     }
-    Resource::new(svc.cluster_name(), &c, &("cluster", svc))
+    // The version covers what the cluster is built from: an EDS cluster does not depend on
+    // the gateways (they travel in EDS), so a gateway change re-sends one EDS resource, not
+    // the full CDS state.
+    let inputs = ClusterInputs {
+        hostname: &svc.hostname,
+        port: svc.port,
+        vip: svc.vip.to_string(),
+        tls_mode: svc.tls_mode.to_string(),
+        server_trust_domain: svc.server_trust_domain.as_str(),
+        server_identity: &svc.server_identity,
+        dns_gateways: dns.then_some(&svc.gateways),
+    };
+    Resource::new(svc.cluster_name(), &c, &inputs)
+}
+
+/// What a cluster is built from (hashed into its version).
+#[derive(serde::Serialize)]
+struct ClusterInputs<'a> {
+    hostname: &'a str,
+    port: u16,
+    vip: String,
+    tls_mode: String,
+    server_trust_domain: &'a str,
+    server_identity: &'a crate::config::ServerIdentity,
+    dns_gateways: Option<&'a Vec<crate::config::Gateway>>,
 }
 
 /// `ads: {}` with the v3 resource API.

@@ -305,6 +305,30 @@ fn versions_are_stable_and_change_only_with_their_inputs() {
     ));
     let c = build(&moved, 3);
     let name = |n: &str| format!("{n}.demo.local.domain_cluster");
+    // An EDS cluster does not change when only its IP gateways change.
+    let ips = config(&format!(
+        "{AGENT}{}{}{}",
+        svc(
+            "istio",
+            "IstioMtls",
+            true,
+            &EW_INGRESS.replace("10.0.0.1", "10.9.9.9")
+        ),
+        svc("anytd", "IstioMtls", false, EW_INGRESS),
+        svc("plain", "Mtls", true, HOSTNAME_GW),
+    ));
+    let d = build(&ips, 4);
+    assert_eq!(a.of(ResourceType::Cluster), d.of(ResourceType::Cluster));
+    assert_ne!(
+        a.of(ResourceType::Endpoint)
+            .get(&name("istio"))
+            .unwrap()
+            .version,
+        d.of(ResourceType::Endpoint)
+            .get(&name("istio"))
+            .unwrap()
+            .version
+    );
     for t in [ResourceType::Cluster, ResourceType::Endpoint] {
         assert_ne!(
             a.of(t).get(&name("istio")).unwrap().version,
