@@ -14,7 +14,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = watcher.subscribe();
     let shutdown = CancellationToken::new();
     let mut servers: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
-    let _ = (&config, &mut servers);
+    // Workload API + Envoy SDS on listen.workloadApi, backed by the CA in ca.stateDir.
+    let wapi = workload_api::WorkloadApiServer::start(config.clone(), shutdown.clone())
+        .context("cannot start the Workload API")?;
+    servers.spawn(async move { wapi.serve().await.context("Workload API server") });
 
     // xDS: the registry, translated into Envoy resources, served over ADS (Cofide's :18001).
     let (snapshots, _translator) = xds::resources::spawn_translator(config.clone());

@@ -17,7 +17,7 @@ async fn agent_serves_the_registry_over_ads() {
     std::fs::write(
         &cfg,
         format!(
-            "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: 127.0.0.1:{port}\n  workloadApi: unix://{}/agent.sock\n---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: server\n  namespace: demo\nspec:\n  name: server\n  namespace: demo\n  port: 8443\n  exportedTrustDomains: [client.domain]\n  tlsMode: Mtls\n  gateways:\n    - type: istio-eastwestgateway\n      port: 15443\n      ip: 10.0.0.1\n",
+            "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: 127.0.0.1:{port}\n  workloadApi: unix://{0}/agent.sock\nca:\n  stateDir: {0}/ca\n---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: server\n  namespace: demo\nspec:\n  name: server\n  namespace: demo\n  port: 8443\n  exportedTrustDomains: [client.domain]\n  tlsMode: Mtls\n  gateways:\n    - type: istio-eastwestgateway\n      port: 15443\n      ip: 10.0.0.1\n",
             dir.path().display()
         ),
     )
