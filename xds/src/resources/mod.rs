@@ -15,7 +15,7 @@ pub mod meta;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -199,6 +199,16 @@ pub struct Snapshot {
     /// Counts snapshots published by this process (for logs; not a wire version).
     pub generation: u64,
     types: [TypeResources; 3],
+    /// What changed since the previous snapshot, so that a stream that saw that one can
+    /// push a change without scanning every resource.
+    changes: Option<Changes>,
+}
+
+/// Names added, changed or removed between two consecutive snapshots, per type.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Changes {
+    from_generation: u64,
+    names: [Vec<String>; 3],
 }
 
 impl Snapshot {
@@ -216,37 +226,117 @@ impl Snapshot {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The names of type `t` added, changed or removed since snapshot `generation`, when
+    /// that is the one just before this (else `None`: compare everything).
+    pub fn changed_since(&self, generation: u64, t: ResourceType) -> Option<&[String]> {
+        self.changes
+            .as_ref()
+            .filter(|c| c.from_generation == generation)
+            .map(|c| c.names[t.index()].as_slice())
+    }
 }
 
 /// Builds the snapshot for `config`.
 pub fn build(config: &Config, generation: u64) -> Snapshot {
+    build_from(config, None, generation)
+}
+
+/// Builds the snapshot for `config`, reusing the resources of `prev` (built from
+/// `prev.0`) for every service that did not change, and records what changed.
+fn build_from(config: &Config, prev: Option<(&Config, &Snapshot)>, generation: u64) -> Snapshot {
+    let old: HashMap<&str, &crate::config::FederatedService> = prev
+        .map(|(c, _)| {
+            c.services
+                .iter()
+                .map(|s| (s.hostname.as_str(), s))
+                .collect()
+        })
+        .unwrap_or_default();
+    let reuse =
+        |t: ResourceType, name: &str| prev.and_then(|(_, snap)| snap.of(t).get(name).cloned());
     let mut clusters = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
     for svc in &config.services {
-        let c = cluster(svc);
-        clusters.insert(c.name.clone(), Arc::new(c));
-        let e = load_assignment(svc);
-        endpoints.insert(e.name.clone(), Arc::new(e));
+        let same = old.get(svc.hostname.as_str()).is_some_and(|o| *o == svc);
+        let name = svc.cluster_name();
+        let c = same
+            .then(|| reuse(ResourceType::Cluster, &name))
+            .flatten()
+            .unwrap_or_else(|| Arc::new(cluster(svc)));
+        clusters.insert(name.clone(), c);
+        let e = same
+            .then(|| reuse(ResourceType::Endpoint, &name))
+            .flatten()
+            .unwrap_or_else(|| Arc::new(load_assignment(svc)));
+        endpoints.insert(name, e);
     }
     if config.agent.listen.outbound_passthrough {
         let c = passthrough_cluster();
         clusters.insert(c.name.clone(), Arc::new(c));
     }
+    // Listeners depend on the listen addresses and each service's hostname, VIP and port.
+    let listener_key = |c: &Config| {
+        (
+            c.agent.listen.clone(),
+            c.services
+                .iter()
+                .map(|s| (s.hostname.clone(), s.vip, s.port))
+                .collect::<Vec<_>>(),
+        )
+    };
     let mut listeners = BTreeMap::new();
-    for l in [outbound_listener(config), Some(dns_listener(config))]
-        .into_iter()
-        .flatten()
-    {
-        listeners.insert(l.name.clone(), Arc::new(l));
+    match prev {
+        Some((pc, snap)) if listener_key(pc) == listener_key(config) => {
+            listeners = snap.of(ResourceType::Listener).resources.clone();
+        }
+        _ => {
+            for l in [outbound_listener(config), Some(dns_listener(config))]
+                .into_iter()
+                .flatten()
+            {
+                listeners.insert(l.name.clone(), Arc::new(l));
+            }
+        }
     }
+    let types = [
+        TypeResources::new(clusters),
+        TypeResources::new(endpoints),
+        TypeResources::new(listeners),
+    ];
+    let changes = prev.map(|(_, snap)| Changes {
+        from_generation: snap.generation,
+        names: ResourceType::ALL.map(|t| diff(snap.of(t), &types[t.index()])),
+    });
     Snapshot {
         generation,
-        types: [
-            TypeResources::new(clusters),
-            TypeResources::new(endpoints),
-            TypeResources::new(listeners),
-        ],
+        types,
+        changes,
     }
+}
+
+/// Names in `b` that are new or in another version than in `a`, and names gone from `b`.
+fn diff(a: &TypeResources, b: &TypeResources) -> Vec<String> {
+    if a.version == b.version {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = b
+        .resources
+        .values()
+        .filter(|r| {
+            a.resources
+                .get(&r.name)
+                .is_none_or(|o| o.version != r.version)
+        })
+        .map(|r| r.name.clone())
+        .collect();
+    out.extend(
+        a.resources
+            .keys()
+            .filter(|n| !b.resources.contains_key(*n))
+            .cloned(),
+    );
+    out
 }
 
 /// Starts the single writer of snapshots: translates every config the watch yields and
@@ -255,7 +345,8 @@ pub fn build(config: &Config, generation: u64) -> Snapshot {
 pub fn spawn_translator(
     mut config: watch::Receiver<Arc<Config>>,
 ) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
-    let first = build(&config.borrow_and_update(), 1);
+    let mut current = config.borrow_and_update().clone();
+    let first = build(&current, 1);
     tracing::info!(
         resources = first.len(),
         "xds: translated the registry into the first snapshot"
@@ -265,12 +356,13 @@ pub fn spawn_translator(
         let mut generation = 1;
         while config.changed().await.is_ok() {
             let cfg = config.borrow_and_update().clone();
-            generation += 1;
-            let next = build(&cfg, generation);
             let prev = tx.borrow().clone();
+            let next = build_from(&cfg, Some((&current, &prev)), generation + 1);
+            current = cfg;
             if prev.types == next.types {
                 continue;
             }
+            generation += 1;
             tracing::info!(
                 generation,
                 clusters = next.of(ResourceType::Cluster).resources.len(),

@@ -345,3 +345,48 @@ fn versions_are_stable_and_change_only_with_their_inputs() {
     // Gateways are not part of the listeners.
     assert_eq!(a.of(ResourceType::Listener), c.of(ResourceType::Listener));
 }
+
+#[test]
+fn incremental_build_reuses_unchanged_services_and_lists_changes() {
+    let a_cfg = standard();
+    let a = build(&a_cfg, 1);
+    let moved = config(&format!(
+        "{AGENT}{}{}{}",
+        svc(
+            "istio",
+            "IstioMtls",
+            true,
+            &EW_INGRESS.replace("10.0.0.1", "10.9.9.9")
+        ),
+        svc("anytd", "IstioMtls", false, EW_INGRESS),
+        svc("plain", "Mtls", true, HOSTNAME_GW),
+    ));
+    let b = build_from(&moved, Some((&a_cfg, &a)), 2);
+    assert_eq!(
+        b.types,
+        build(&moved, 2).types,
+        "same result as a full build"
+    );
+    let istio = "istio.demo.local.domain_cluster".to_owned();
+    assert_eq!(
+        b.changed_since(1, ResourceType::Endpoint),
+        Some(std::slice::from_ref(&istio))
+    );
+    assert_eq!(b.changed_since(1, ResourceType::Cluster), Some(&[][..]));
+    assert_eq!(b.changed_since(1, ResourceType::Listener), Some(&[][..]));
+    assert!(b.changed_since(0, ResourceType::Endpoint).is_none());
+    let plain = "plain.demo.local.domain_cluster";
+    assert!(Arc::ptr_eq(
+        a.of(ResourceType::Cluster).get(plain).unwrap(),
+        b.of(ResourceType::Cluster).get(plain).unwrap()
+    ));
+    // Removing a service lists it as changed.
+    let fewer = config(&format!(
+        "{AGENT}{}",
+        svc("plain", "Mtls", true, HOSTNAME_GW)
+    ));
+    let c = build_from(&fewer, Some((&moved, &b)), 3);
+    let gone = c.changed_since(2, ResourceType::Cluster).unwrap();
+    assert_eq!(gone.len(), 2);
+    assert!(gone.contains(&istio));
+}

@@ -90,8 +90,9 @@ impl Session {
                     break;
                 }
                 Some(Err(true)) => {
+                    let seen = self.snapshot.generation;
                     self.snapshot = snapshots.borrow_and_update().clone();
-                    self.push_all().await
+                    self.push_all(seen).await
                 }
                 Some(Err(false)) => break,
             };
@@ -163,16 +164,17 @@ impl Session {
             }
         }
         if changed {
-            self.push(t, first).await
+            self.push(t, first, None).await
         } else {
             Ok(())
         }
     }
 
-    async fn push_all(&mut self) -> Result<(), Closed> {
+    /// Pushes what changed in every subscribed type since generation `seen`.
+    async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
         for t in ResourceType::ALL {
             if self.types[t.index()].is_some() {
-                self.push(t, false).await?;
+                self.push(t, false, Some(seen)).await?;
             }
         }
         Ok(())
@@ -181,12 +183,36 @@ impl Session {
     /// Sends the resources of type `t` the client lacks or has in another version, and the
     /// names it has that are gone. `initial`: the first request, always answered for a
     /// wildcard subscription so the client's initial fetch completes.
-    async fn push(&mut self, t: ResourceType, initial: bool) -> Result<(), Closed> {
+    /// `seen`: the generation the stream had; when the snapshot knows what changed since,
+    /// only those names are examined.
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        initial: bool,
+        seen: Option<u64>,
+    ) -> Result<(), Closed> {
         let snap = self.snapshot.clone();
         let res = snap.of(t);
         let Some(st) = self.types[t.index()].as_mut() else {
             return Ok(());
         };
+        if let Some(names) = seen.and_then(|g| snap.changed_since(g, t)) {
+            let updated: Vec<_> = names
+                .iter()
+                .filter_map(|n| res.get(n))
+                .filter(|r| {
+                    (st.wildcard || st.names.contains(&r.name))
+                        && st.has.get(&r.name) != Some(&r.version)
+                })
+                .cloned()
+                .collect();
+            let removed: Vec<String> = names
+                .iter()
+                .filter(|n| !res.resources.contains_key(*n) && st.has.contains_key(*n))
+                .cloned()
+                .collect();
+            return self.send(t, updated, removed).await;
+        }
         let subscribed = |name: &str| st.wildcard || st.names.contains(name);
         let updated: Vec<_> = res
             .resources
@@ -219,6 +245,34 @@ impl Session {
         if updated.is_empty() && removed.is_empty() && !(initial && st.wildcard) {
             return Ok(());
         }
+        self.send_always(t, updated, removed).await
+    }
+
+    /// Sends a response if there is anything in it.
+    async fn send(
+        &mut self,
+        t: ResourceType,
+        updated: Vec<Arc<crate::resources::Resource>>,
+        removed: Vec<String>,
+    ) -> Result<(), Closed> {
+        if updated.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        self.send_always(t, updated, removed).await
+    }
+
+    /// Records what the client will have and sends the response.
+    async fn send_always(
+        &mut self,
+        t: ResourceType,
+        updated: Vec<Arc<crate::resources::Resource>>,
+        removed: Vec<String>,
+    ) -> Result<(), Closed> {
+        let snap = self.snapshot.clone();
+        let res = snap.of(t);
+        let Some(st) = self.types[t.index()].as_mut() else {
+            return Ok(());
+        };
         for r in &updated {
             st.has.insert(r.name.clone(), r.version.clone());
         }

@@ -94,8 +94,9 @@ impl Session {
                     break;
                 }
                 Some(Err(true)) => {
+                    let seen = self.snapshot.generation;
                     self.snapshot = snapshots.borrow_and_update().clone();
-                    self.push_all().await
+                    self.push_all(seen).await
                 }
                 Some(Err(false)) => break,
             };
@@ -159,39 +160,58 @@ impl Session {
             let keep = &st.names;
             st.sent.retain(|n, _| keep.contains(n));
         }
-        self.push(t, true).await
+        self.push(t, true, None).await
     }
 
-    async fn push_all(&mut self) -> Result<(), Closed> {
+    /// Pushes what changed in every subscribed type; `seen` is the generation of the
+    /// snapshot the stream had before.
+    async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
         for t in ResourceType::ALL {
             if self.types[t.index()].is_some() {
-                self.push(t, false).await?;
+                self.push(t, false, Some(seen)).await?;
             }
         }
         Ok(())
     }
 
     /// Sends what the client of type `t` lacks. `requested`: answering a (new)
-    /// subscription, where full-state types always get a response.
-    async fn push(&mut self, t: ResourceType, requested: bool) -> Result<(), Closed> {
+    /// subscription, where full-state types always get a response. `seen`: the generation
+    /// the stream had, so only the names changed since then need a look.
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        requested: bool,
+        seen: Option<u64>,
+    ) -> Result<(), Closed> {
         let snap = self.snapshot.clone();
         let res = snap.of(t);
         let Some(st) = self.types[t.index()].as_mut() else {
             return Ok(());
         };
-        let selected = res
-            .resources
-            .values()
-            .filter(|r| st.wildcard || st.names.contains(&r.name));
+        let subscribed =
+            |r: &&Arc<crate::resources::Resource>| st.wildcard || st.names.contains(&r.name);
         let resources: Vec<_> = if t.sotw_full_state() {
             if !requested && st.sent_version.as_deref() == Some(res.version.as_str()) {
                 return Ok(());
             }
-            selected.collect()
+            res.resources.values().filter(subscribed).collect()
         } else {
-            let fresh: Vec<_> = selected
-                .filter(|r| st.sent.get(&r.name) != Some(&r.version))
-                .collect();
+            let stale =
+                |r: &&Arc<crate::resources::Resource>| st.sent.get(&r.name) != Some(&r.version);
+            let fresh: Vec<_> = match seen.and_then(|g| snap.changed_since(g, t)) {
+                Some(names) => names
+                    .iter()
+                    .filter_map(|n| res.get(n))
+                    .filter(subscribed)
+                    .filter(stale)
+                    .collect(),
+                None => res
+                    .resources
+                    .values()
+                    .filter(subscribed)
+                    .filter(stale)
+                    .collect(),
+            };
             if fresh.is_empty() {
                 return Ok(());
             }
@@ -199,11 +219,10 @@ impl Session {
         };
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        for r in &resources {
-            st.sent.insert(r.name.clone(), r.version.clone());
-        }
-        if t.sotw_full_state() {
-            st.sent.retain(|n, _| res.resources.contains_key(n));
+        if !t.sotw_full_state() {
+            for r in &resources {
+                st.sent.insert(r.name.clone(), r.version.clone());
+            }
         }
         st.sent_version = Some(res.version.clone());
         st.nonce = nonce.clone();
