@@ -44,6 +44,9 @@ pub struct Snapshot {
     pub federated: BTreeMap<TrustDomain, Bundle>,
     /// True when some entry uses `unix:sha256:` (attestation then hashes executables).
     pub needs_sha256: bool,
+    /// Serial of the CA intermediate signing SVIDs now: when it changes (CA rotation),
+    /// every stream re-issues and pushes even if the bundle did not change.
+    pub issuer: Option<String>,
 }
 
 impl Snapshot {
@@ -92,6 +95,7 @@ fn build(config: &Config, authority: &Authority) -> Snapshot {
             .registration_entries
             .iter()
             .any(|e| e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))),
+        issuer: authority.active_issuer_serial(),
     }
 }
 

@@ -578,3 +578,63 @@ async fn tcp_endpoint_attests_the_caller_uid() {
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/tcp");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn ca_rotation_is_pushed_and_the_new_chain_verifies_against_the_pushed_bundle() {
+    let d = testkit::tempdir().unwrap();
+    // Intermediates live 6 s: the next is prepared at once (NotBefore is 10 s back) and
+    // takes over at 5/6 of its life, a few seconds in.
+    let yaml = config_yaml(
+        d.path(),
+        "1h",
+        &[Entry {
+            id: "spiffe://example.org/ca-rotation",
+            selectors: uid_sel(),
+            hint: None,
+        }],
+        &[],
+    )
+    .replace("caTtl: 1h", "caTtl: 6s");
+    let agent = start(d.path(), &yaml).await;
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let first = tokio::time::timeout(T, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let intermediate = |ctx: &spiffe::X509Context| {
+        ctx.default_svid().unwrap().cert_chain()[1]
+            .as_bytes()
+            .to_vec()
+    };
+    let first_int = intermediate(&first);
+    let rotated = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ctx = stream.next().await.expect("stream open").unwrap();
+            if intermediate(&ctx) != first_int {
+                return ctx;
+            }
+        }
+    })
+    .await
+    .expect("a new intermediate is pushed within 30 s");
+    let svid = rotated.default_svid().unwrap();
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let roots: Vec<Vec<u8>> = rotated
+        .bundle_set()
+        .get(&td())
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    attest::verify_chain(&chain, &roots, SystemTime::now()).unwrap();
+    agent.stop().await;
+}
