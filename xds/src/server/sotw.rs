@@ -32,6 +32,8 @@ struct TypeState {
     sent: HashMap<String, String>,
     /// Nonce of the last response; the next ACK/NACK must carry it.
     nonce: String,
+    /// `resource_names` of the last request, as sent.
+    last_names: Vec<String>,
 }
 
 pub(crate) struct Session {
@@ -145,6 +147,12 @@ impl Session {
             self.ctx.metrics.ack(t);
             tracing::debug!(stream = self.id, node = %self.node, r#type = %t, version = %req.version_info, "xds: ACK");
         }
+        // Fast path: an ACK repeating the previous request's names (SotW clients resend the
+        // whole list, 10,000 names for a large mesh) changes nothing.
+        if !first && req.resource_names == st.last_names {
+            return Ok(());
+        }
+        st.last_names = req.resource_names.clone();
         // Subscription: an empty first request, or "*", is a wildcard subscription.
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let wildcard = names.contains(WILDCARD) || (names.is_empty() && (first || st.wildcard));
