@@ -108,7 +108,10 @@ impl Core {
     }
 }
 
-/// The tokio instant of a wall-clock deadline (now if it has passed).
+/// The tokio instant of a wall-clock deadline (now if it has passed), plus a millisecond so
+/// a wake-up never lands just before the deadline it waits for.
 pub fn instant_of(t: SystemTime) -> tokio::time::Instant {
-    tokio::time::Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default()
+    tokio::time::Instant::now()
+        + t.duration_since(SystemTime::now()).unwrap_or_default()
+        + Duration::from_millis(1)
 }

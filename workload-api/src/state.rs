@@ -262,6 +262,8 @@ impl SvidCache {
         let jitter: f64 = rand::random_range(0.9..1.1);
         let rotate_at = now + life.mul_f64(0.5 * jitter);
         tracing::debug!(%id, serial = %svid.serial, ?life, "issued X.509-SVID");
+        // Identities no longer asked for (entry removed) must not pile up: drop expired ones.
+        map.retain(|_, c| c.svid.not_after > now);
         map.insert(
             key,
             Cached {
@@ -271,5 +273,49 @@ impl SvidCache {
             },
         );
         Ok((svid, rotate_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svids_are_shared_until_half_life_with_jitter() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = Authority::open(
+            attest::AuthorityConfig {
+                trust_domain: TrustDomain::parse("example.org").unwrap(),
+                state_dir: d.path().to_owned(),
+                root_ttl: Duration::from_secs(36000),
+                ca_ttl: Duration::from_secs(3600),
+            },
+            Arc::new(attest::SoftwareKeyStore::new(d.path().join("keys"))),
+        )
+        .unwrap();
+        let cache = SvidCache::default();
+        let id = SpiffeId::parse("spiffe://example.org/a").unwrap();
+        let ttl = Duration::from_secs(1000);
+        for _ in 0..20 {
+            let other = SpiffeId::parse(&format!("spiffe://example.org/{}", rand::random::<u32>()))
+                .unwrap();
+            let now = SystemTime::now();
+            let (_, at) = cache.get(&ca, &other, ttl).unwrap();
+            let half = at.duration_since(now).unwrap().as_secs_f64();
+            assert!(
+                (445.0..=551.0).contains(&half),
+                "rotation at {half} s of 1000 s"
+            );
+        }
+        let (a, _) = cache.get(&ca, &id, ttl).unwrap();
+        let (b, _) = cache.get(&ca, &id, ttl).unwrap();
+        assert_eq!(a.serial, b.serial, "shared until rotation");
+        // A CA rotation (new intermediate) invalidates it.
+        ca.rotate(SystemTime::now() + Duration::from_secs(3000))
+            .unwrap();
+        ca.rotate(SystemTime::now() + Duration::from_secs(3400))
+            .unwrap();
+        let (c, _) = cache.get(&ca, &id, ttl).unwrap();
+        assert_ne!(a.serial, c.serial);
     }
 }
