@@ -243,16 +243,6 @@ async fn delta_stream(id: usize, port: u16, n: usize, ev: mpsc::UnboundedSender<
         if tx.send(ack).await.is_err() {
             return;
         }
-        if std::env::var("BENCH_DEBUG").is_ok() {
-            eprintln!(
-                "delta {id}: {} {} res, {} removed; {} clusters {} endpoints",
-                r.type_url,
-                r.resources.len(),
-                r.removed_resources.len(),
-                clusters.len(),
-                endpoints.len()
-            );
-        }
         if !synced && clusters.len() == n && endpoints.len() == n {
             synced = true;
             let _ = ev.send(Event::Synced(now));
@@ -284,26 +274,27 @@ fn main() {
     let n = env_usize("SERVICES", 10_000);
     let streams = env_usize("STREAMS", 100);
     let changes = env_usize("CHANGES", 20);
-    let exe = std::env::current_exe().unwrap();
-    let mut child = std::process::Command::new(exe)
-        .env("FERRY_BENCH_ROLE", "server")
-        .env("SERVICES", n.to_string())
-        .env("RUST_LOG", "off")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let port: u16 = first.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    println!("server: {}", first.trim());
-    println!("server RSS idle (snapshot built): {} KiB", rss_kib(pid).0);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut next_change = 0usize;
     for variant in ["sotw", "delta"] {
+        // A fresh server process per variant, so its RSS is that variant's alone.
+        let exe = std::env::current_exe().unwrap();
+        let mut child = std::process::Command::new(exe)
+            .env("FERRY_BENCH_ROLE", "server")
+            .env("SERVICES", n.to_string())
+            .env("RUST_LOG", "off")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let port: u16 = first.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        println!("server: {}", first.trim());
+        println!("server RSS idle (snapshot built): {} KiB", rss_kib(pid).0);
         let (ev_tx, mut ev) = mpsc::unbounded_channel();
         let start = Instant::now();
         let tasks: Vec<_> = (0..streams)
@@ -366,8 +357,8 @@ fn main() {
         for t in tasks {
             t.abort();
         }
+        let _ = writeln!(stdin, "quit");
+        let _ = child.wait();
         rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
     }
-    let _ = writeln!(stdin, "quit");
-    let _ = child.wait();
 }

@@ -177,12 +177,17 @@ pub struct TypeResources {
 
 impl TypeResources {
     fn new(resources: BTreeMap<String, Arc<Resource>>) -> Self {
-        let pairs: Vec<(&str, &str)> = resources
-            .values()
-            .map(|r| (r.name.as_str(), r.version.as_str()))
-            .collect();
+        // Hashed directly (not through JSON): this runs on every registry change.
+        let mut h = Sha256::new();
+        for r in resources.values() {
+            h.update(r.name.as_bytes());
+            h.update([0]);
+            h.update(r.version.as_bytes());
+            h.update([0]);
+        }
+        let d = h.finalize();
         TypeResources {
-            version: content_version("set", &pairs),
+            version: d[..8].iter().map(|b| format!("{b:02x}")).collect(),
             resources,
         }
     }
