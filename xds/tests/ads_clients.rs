@@ -409,3 +409,85 @@ async fn unknown_type_url_gets_a_clear_error() {
         err.message()
     );
 }
+
+#[tokio::test]
+async fn standalone_cds_eds_lds_services_answer() {
+    use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_client::ListenerDiscoveryServiceClient;
+
+    let ports = Ports::free();
+    let a = service_doc(
+        "alpha",
+        8443,
+        "Mtls",
+        &[Gw("istio-eastwestgateway", "10.0.0.1", 15443)],
+    );
+    let agent = Agent::start(&format!("{}{a}", agent_doc(ports))).await;
+
+    // CDS stream: a non-aggregated request may leave type_url empty.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: "standalone".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut cds = ClusterDiscoveryServiceClient::connect(agent.url())
+        .await
+        .unwrap()
+        .stream_clusters(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = tokio::time::timeout(Duration::from_secs(10), cds.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.type_url, CDS);
+    assert_eq!(r.resources.len(), 1);
+
+    // EDS fetch (unary).
+    let f = EndpointDiscoveryServiceClient::connect(agent.url())
+        .await
+        .unwrap()
+        .fetch_endpoints(DiscoveryRequest {
+            resource_names: vec![format!("{}_cluster", host("alpha"))],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(flatten(&f), vec![("10.0.0.1".into(), 15443, 1)]);
+
+    // LDS delta stream: outbound and dns.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest::default()).await.unwrap();
+    let mut lds = ListenerDiscoveryServiceClient::connect(agent.url())
+        .await
+        .unwrap()
+        .delta_listeners(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = recv(&mut lds, Duration::from_secs(10)).await.unwrap();
+    let mut names: Vec<_> = r.resources.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, vec!["dns", "outbound"]);
+
+    // A standalone service refuses another type.
+    let err = ClusterDiscoveryServiceClient::connect(agent.url())
+        .await
+        .unwrap()
+        .fetch_clusters(DiscoveryRequest {
+            type_url: EDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
