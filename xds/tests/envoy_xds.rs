@@ -137,6 +137,28 @@ async fn registry_follows_config(delta: bool) {
         .await
         .expect("gateway change reaches Envoy");
 
+    // Change alpha's port: the cluster is replaced while its endpoints stay the same, and
+    // the new cluster must finish warming (its EDS assignment must reach it) promptly.
+    let a3_doc = a2_doc.replace("port: 8443", "port: 8444");
+    let before = stat(
+        &envoy.admin_get("/stats").await.expect("stats"),
+        "cluster_manager.cds.update_success",
+    );
+    agent.write(&format!("{}{a3_doc}{b_doc}{c_doc}", agent_doc(ports)));
+    envoy
+        .wait_admin("/stats", Duration::from_secs(3), |b| {
+            stat(b, "cluster_manager.cds.update_success") > before
+                && stat(b, "cluster_manager.warming_clusters") == Some(0)
+        })
+        .await
+        .expect("updated cluster warms with its endpoints");
+    let clusters = envoy.admin_get("/clusters").await.expect("clusters");
+    assert!(
+        has_endpoint(&clusters, &alpha, "127.0.0.31:15443"),
+        "{clusters}"
+    );
+    let a2_doc = a3_doc;
+
     // Remove charlie and bravo: they disappear within 1 s.
     let t0 = Instant::now();
     agent.write(&format!("{}{a2_doc}", agent_doc(ports)));

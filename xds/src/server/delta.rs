@@ -164,17 +164,41 @@ impl Session {
             }
         }
         if changed {
-            self.push(t, first, None).await
+            self.push(t, first, None, &[]).await.map(|_| ())
         } else {
             Ok(())
         }
     }
 
-    /// Pushes what changed in every subscribed type since generation `seen`.
+    /// Pushes what changed in every subscribed type since generation `seen`. The
+    /// assignments of added or changed clusters are sent again after them: a replaced EDS
+    /// cluster waits for its assignment even when it did not change.
     async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
-        for t in ResourceType::ALL {
+        let mut rewarm: Vec<String> = Vec::new();
+        if self.types[ResourceType::Cluster.index()].is_some()
+            && self
+                .push(ResourceType::Cluster, false, Some(seen), &[])
+                .await?
+        {
+            let snap = self.snapshot.clone();
+            rewarm = match snap.changed_since(seen, ResourceType::Cluster) {
+                Some(names) => names.to_vec(),
+                None => snap
+                    .of(ResourceType::Cluster)
+                    .resources
+                    .keys()
+                    .cloned()
+                    .collect(),
+            };
+            if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
+                for n in &rewarm {
+                    eds.has.remove(n);
+                }
+            }
+        }
+        for t in [ResourceType::Endpoint, ResourceType::Listener] {
             if self.types[t.index()].is_some() {
-                self.push(t, false, Some(seen)).await?;
+                self.push(t, false, Some(seen), &rewarm).await?;
             }
         }
         Ok(())
@@ -185,20 +209,26 @@ impl Session {
     /// wildcard subscription so the client's initial fetch completes.
     /// `seen`: the generation the stream had; when the snapshot knows what changed since,
     /// only those names are examined.
+    /// `extra`: more names to look at (clusters to re-warm). Returns whether a response
+    /// was sent.
     async fn push(
         &mut self,
         t: ResourceType,
         initial: bool,
         seen: Option<u64>,
-    ) -> Result<(), Closed> {
+        extra: &[String],
+    ) -> Result<bool, Closed> {
         let snap = self.snapshot.clone();
         let res = snap.of(t);
         let Some(st) = self.types[t.index()].as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         if let Some(names) = seen.and_then(|g| snap.changed_since(g, t)) {
+            let mut unique = std::collections::HashSet::new();
             let updated: Vec<_> = names
                 .iter()
+                .chain(extra)
+                .filter(|n| unique.insert(n.as_str()))
                 .filter_map(|n| res.get(n))
                 .filter(|r| {
                     (st.wildcard || st.names.contains(&r.name))
@@ -243,7 +273,7 @@ impl Session {
         st.reported_missing.extend(missing.iter().cloned());
         removed.extend(missing);
         if updated.is_empty() && removed.is_empty() && !(initial && st.wildcard) {
-            return Ok(());
+            return Ok(false);
         }
         self.send_always(t, updated, removed).await
     }
@@ -254,9 +284,9 @@ impl Session {
         t: ResourceType,
         updated: Vec<Arc<crate::resources::Resource>>,
         removed: Vec<String>,
-    ) -> Result<(), Closed> {
+    ) -> Result<bool, Closed> {
         if updated.is_empty() && removed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.send_always(t, updated, removed).await
     }
@@ -267,11 +297,11 @@ impl Session {
         t: ResourceType,
         updated: Vec<Arc<crate::resources::Resource>>,
         removed: Vec<String>,
-    ) -> Result<(), Closed> {
+    ) -> Result<bool, Closed> {
         let snap = self.snapshot.clone();
         let res = snap.of(t);
         let Some(st) = self.types[t.index()].as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         for r in &updated {
             st.has.insert(r.name.clone(), r.version.clone());
@@ -300,6 +330,7 @@ impl Session {
             ..Default::default()
         };
         self.ctx.metrics.response(t);
-        self.tx.send(Ok(resp)).await.map_err(|_| Closed)
+        self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;
+        Ok(true)
     }
 }

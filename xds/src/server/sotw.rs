@@ -168,15 +168,42 @@ impl Session {
             let keep = &st.names;
             st.sent.retain(|n, _| keep.contains(n));
         }
-        self.push(t, true, None).await
+        self.push(t, true, None, &[]).await.map(|_| ())
     }
 
     /// Pushes what changed in every subscribed type; `seen` is the generation of the
     /// snapshot the stream had before.
+    ///
+    /// A replaced EDS cluster starts warming and waits for its assignment even when the
+    /// assignment did not change, and Envoy does not ask again for a name it already
+    /// watches: so the assignments of every added or changed cluster are sent again right
+    /// after the clusters.
     async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
-        for t in ResourceType::ALL {
+        let mut rewarm: Vec<String> = Vec::new();
+        if self.types[ResourceType::Cluster.index()].is_some()
+            && self
+                .push(ResourceType::Cluster, false, Some(seen), &[])
+                .await?
+        {
+            let snap = self.snapshot.clone();
+            rewarm = match snap.changed_since(seen, ResourceType::Cluster) {
+                Some(names) => names.to_vec(),
+                None => snap
+                    .of(ResourceType::Cluster)
+                    .resources
+                    .keys()
+                    .cloned()
+                    .collect(),
+            };
+            if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
+                for n in &rewarm {
+                    eds.sent.remove(n);
+                }
+            }
+        }
+        for t in [ResourceType::Endpoint, ResourceType::Listener] {
             if self.types[t.index()].is_some() {
-                self.push(t, false, Some(seen)).await?;
+                self.push(t, false, Some(seen), &rewarm).await?;
             }
         }
         Ok(())
@@ -184,31 +211,36 @@ impl Session {
 
     /// Sends what the client of type `t` lacks. `requested`: answering a (new)
     /// subscription, where full-state types always get a response. `seen`: the generation
-    /// the stream had, so only the names changed since then need a look.
+    /// the stream had, so only the names changed since then (and `extra`) need a look.
+    /// Returns whether a response was sent.
     async fn push(
         &mut self,
         t: ResourceType,
         requested: bool,
         seen: Option<u64>,
-    ) -> Result<(), Closed> {
+        extra: &[String],
+    ) -> Result<bool, Closed> {
         let snap = self.snapshot.clone();
         let res = snap.of(t);
         let Some(st) = self.types[t.index()].as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         let subscribed =
             |r: &&Arc<crate::resources::Resource>| st.wildcard || st.names.contains(&r.name);
         let resources: Vec<_> = if t.sotw_full_state() {
             if !requested && st.sent_version.as_deref() == Some(res.version.as_str()) {
-                return Ok(());
+                return Ok(false);
             }
             res.resources.values().filter(subscribed).collect()
         } else {
             let stale =
                 |r: &&Arc<crate::resources::Resource>| st.sent.get(&r.name) != Some(&r.version);
+            let mut unique = std::collections::HashSet::new();
             let fresh: Vec<_> = match seen.and_then(|g| snap.changed_since(g, t)) {
                 Some(names) => names
                     .iter()
+                    .chain(extra)
+                    .filter(|n| unique.insert(n.as_str()))
                     .filter_map(|n| res.get(n))
                     .filter(subscribed)
                     .filter(stale)
@@ -221,7 +253,7 @@ impl Session {
                     .collect(),
             };
             if fresh.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             fresh
         };
@@ -243,6 +275,7 @@ impl Session {
         };
         tracing::debug!(stream = self.id, node = %self.node, r#type = %t, version = %res.version, resources = resources.len(), "xds: SotW push");
         self.ctx.metrics.response(t);
-        self.tx.send(Ok(resp)).await.map_err(|_| Closed)
+        self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;
+        Ok(true)
     }
 }
