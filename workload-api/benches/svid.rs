@@ -71,6 +71,15 @@ fn fetch_first_message(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { client.fetch_x509_svid().await.expect("fetch") })
     });
+    let ep = format!("unix://{}/agent.sock", dir.path().display());
+    g.bench_function("connect_and_fetch_x509_svid_first_message", |b| {
+        b.to_async(&rt).iter(|| async {
+            let c = spiffe::WorkloadApiClient::connect_to(&ep)
+                .await
+                .expect("client");
+            c.fetch_x509_svid().await.expect("fetch")
+        })
+    });
     g.finish();
     shutdown.cancel();
 }
