@@ -65,7 +65,16 @@ fn uri_sans(der: &[u8]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_originates_istio_mtls_with_the_svid_from_ferry() {
+async fn sotw_envoy_originates_istio_mtls_with_the_svid_from_ferry() {
+    istio_mtls(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_envoy_originates_istio_mtls_with_the_svid_from_ferry() {
+    istio_mtls(true).await;
+}
+
+async fn istio_mtls(delta: bool) {
     let Some(bin) = testkit::envoy::require() else {
         return;
     };
@@ -193,9 +202,18 @@ async fn envoy_originates_istio_mtls_with_the_svid_from_ferry() {
         }
     });
 
-    let envoy = testkit::envoy::Envoy::start_sidecar(&bin, xds, &socket)
+    let envoy = if delta {
+        let admin = testkit::free_port();
+        testkit::envoy::Envoy::start(
+            &bin,
+            &testkit::envoy::render_sidecar_bootstrap_delta(xds, &socket, admin),
+            admin,
+        )
         .await
-        .expect("envoy starts");
+    } else {
+        testkit::envoy::Envoy::start_sidecar(&bin, xds, &socket).await
+    }
+    .expect("envoy starts");
     let hostname = "server.demo.client.domain";
     envoy
         .wait_admin("/listeners", Duration::from_secs(30), |b| {

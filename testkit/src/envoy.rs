@@ -49,6 +49,20 @@ pub fn render_sidecar_bootstrap(
         .replace("{{ADMIN_PORT}}", &admin_port.to_string())
 }
 
+/// The sidecar bootstrap with ADS switched to the incremental protocol (`DELTA_GRPC`), for
+/// tests that must pass with both xDS variants.
+pub fn render_sidecar_bootstrap_delta(
+    xds: SocketAddr,
+    workload_socket: &Path,
+    admin_port: u16,
+) -> String {
+    render_sidecar_bootstrap(xds, workload_socket, admin_port).replacen(
+        "api_type: GRPC",
+        "api_type: DELTA_GRPC",
+        1,
+    )
+}
+
 /// A running Envoy.
 pub struct Envoy {
     child: tokio::process::Child,

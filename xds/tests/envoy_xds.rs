@@ -11,7 +11,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Gw, Ports, agent_doc, delta_bootstrap, echo_server, host, service_doc};
+use common::{Agent, Gw, Ports, agent_doc, echo_server, host, service_doc};
 use testkit::envoy::Envoy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,9 +19,13 @@ async fn start_envoy(bin: &std::path::Path, agent: &Agent, delta: bool) -> Envoy
     let sock = agent.dir.path().join("no-sds.sock");
     if delta {
         let admin = testkit::free_port();
-        Envoy::start(bin, &delta_bootstrap(agent.addr, &sock, admin), admin)
-            .await
-            .expect("envoy starts")
+        Envoy::start(
+            bin,
+            &testkit::envoy::render_sidecar_bootstrap_delta(agent.addr, &sock, admin),
+            admin,
+        )
+        .await
+        .expect("envoy starts")
     } else {
         Envoy::start_sidecar(bin, agent.addr, &sock)
             .await

@@ -166,10 +166,3 @@ pub async fn echo_server(addr: SocketAddr, tag: &'static str) -> SocketAddr {
     });
     local
 }
-
-/// The Envoy sidecar bootstrap with ADS switched to the incremental protocol.
-pub fn delta_bootstrap(xds: SocketAddr, socket: &std::path::Path, admin_port: u16) -> String {
-    let b = testkit::envoy::render_sidecar_bootstrap(xds, socket, admin_port);
-    assert!(b.contains("api_type: GRPC"), "bootstrap template changed");
-    b.replacen("api_type: GRPC", "api_type: DELTA_GRPC", 1)
-}
