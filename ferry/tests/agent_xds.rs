@@ -44,7 +44,8 @@ async fn agent_serves_the_registry_over_ads() {
     assert_eq!(svc.cluster.port, 8443);
     assert_eq!(svc.endpoints.len(), 1);
     assert!(state.resolve("server.demo.client.domain").is_some());
-    shutdown.cancel();
+
+    // SIGTERM with the ADS stream still open: the agent ends its streams and exits.
 
     let pid = child.id().expect("pid").to_string();
     std::process::Command::new("kill")
@@ -56,4 +57,5 @@ async fn agent_serves_the_registry_over_ads() {
         .expect("agent stops on SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    shutdown.cancel();
 }
