@@ -179,5 +179,9 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
     agent.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let f = dig(ferry_dns, names[0], "A", &[]).await.unwrap();
-    assert_eq!(f.answers[0].3, vips[names[0]], "still serving without xDS: {}", f.raw);
+    assert_eq!(
+        f.answers[0].3, vips[names[0]],
+        "still serving without xDS: {}",
+        f.raw
+    );
 }
