@@ -23,6 +23,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (snapshots, _translator) = xds::resources::spawn_translator(config.clone());
     let xds_server = xds::server::XdsServer::new(snapshots, shutdown.clone());
     let xds_addr = config.borrow().agent.listen.xds;
+    if let Some(addr) = args.admin {
+        let mut registry = prometheus_client::registry::Registry::default();
+        xds_server
+            .metrics()
+            .register(registry.sub_registry_with_prefix("ferry"));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for --admin on {addr}"))?;
+        tokio::spawn(crate::admin::serve(listener, registry, shutdown.clone()));
+    }
     servers.spawn(async move { xds_server.serve(xds_addr).await.context("xDS server") });
 
     tracing::info!(config = %args.config.display(), "ferry agent started");

@@ -75,6 +75,10 @@ pub struct AgentArgs {
     /// logged and the last good config keeps serving.
     #[arg(long, short = 'c', env = "FERRY_CONFIG")]
     pub config: PathBuf,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (xDS streams, pushes, NACKs by
+    /// type) and `/ready`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// `ferry dns ...`

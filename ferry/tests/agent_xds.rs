@@ -22,8 +22,9 @@ async fn agent_serves_the_registry_over_ads() {
         ),
     )
     .unwrap();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["agent", "--config"])
+        .args(["agent", "--admin", &admin.to_string(), "--config"])
         .arg(&cfg)
         .kill_on_drop(true)
         .spawn()
@@ -44,6 +45,18 @@ async fn agent_serves_the_registry_over_ads() {
     assert_eq!(svc.cluster.port, 8443);
     assert_eq!(svc.endpoints.len(), 1);
     assert!(state.resolve("server.demo.client.domain").is_some());
+
+    // The admin endpoint shows the open stream and what was ACKed.
+    let m = testkit::http::get(admin, "/metrics")
+        .await
+        .expect("admin /metrics");
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("ferry_xds_streams"), "{}", m.body);
+    assert!(
+        m.body.contains("ferry_xds_acks_total{type=\"CDS\"} 1"),
+        "{}",
+        m.body
+    );
 
     // SIGTERM with the ADS stream still open: the agent ends its streams and exits.
 
