@@ -14,10 +14,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
 };
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::sotw::WILDCARD;
-use super::{Ctx, or_shutdown, resolve_type};
+use super::{Closed, Ctx, Protocol, resolve_type};
 use crate::resources::{ResourceType, Snapshot};
 
 #[derive(Debug, Default)]
@@ -44,8 +44,6 @@ pub(crate) struct Session {
     snapshot: Arc<Snapshot>,
 }
 
-struct Closed;
-
 impl Session {
     pub(crate) fn new(
         ctx: Arc<Ctx>,
@@ -68,43 +66,7 @@ impl Session {
         }
     }
 
-    pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        self.ctx.metrics.stream_opened("delta");
-        let mut snapshots = self.ctx.snapshots.clone();
-        snapshots.mark_unchanged();
-        let ctx = self.ctx.clone();
-        loop {
-            let next = or_shutdown(&ctx, async {
-                tokio::select! {
-                    m = inbound.message() => Ok(m),
-                    c = snapshots.changed() => Err(c.is_ok()),
-                }
-            })
-            .await;
-            let step = match next {
-                None => break,
-                Some(Ok(Ok(Some(req)))) => self.on_request(req).await,
-                Some(Ok(Ok(None))) => break,
-                Some(Ok(Err(status))) => {
-                    tracing::debug!(stream = self.id, node = %self.node, %status, "xds: Delta stream error");
-                    break;
-                }
-                Some(Err(true)) => {
-                    let seen = self.snapshot.generation;
-                    self.snapshot = snapshots.borrow_and_update().clone();
-                    self.push_all(seen).await
-                }
-                Some(Err(false)) => break,
-            };
-            if step.is_err() {
-                break;
-            }
-        }
-        self.ctx.metrics.stream_closed("delta");
-        tracing::debug!(stream = self.id, node = %self.node, "xds: Delta stream closed");
-    }
-
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Closed> {
+    async fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Closed> {
         if let Some(node) = &req.node
             && self.node.is_empty()
         {
@@ -332,5 +294,28 @@ impl Session {
         self.ctx.metrics.response(t);
         self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;
         Ok(true)
+    }
+}
+
+impl Protocol for Session {
+    type Request = DeltaDiscoveryRequest;
+    const VARIANT: &'static str = "delta";
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Closed> {
+        self.handle_request(req).await
+    }
+
+    async fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), Closed> {
+        let seen = self.snapshot.generation;
+        self.snapshot = snapshot;
+        self.push_all(seen).await
     }
 }

@@ -154,7 +154,7 @@ impl XdsServer {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = sotw::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
-        tokio::spawn(session.run(req.into_inner()));
+        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
         Box::pin(ReceiverStream::new(rx))
     }
 
@@ -166,7 +166,7 @@ impl XdsServer {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = delta::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
-        tokio::spawn(session.run(req.into_inner()));
+        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
         Box::pin(ReceiverStream::new(rx))
     }
 }
@@ -316,6 +316,64 @@ pub(crate) fn resolve_type(
 }
 
 /// Waits for `fut` or the shutdown token; `None` on shutdown.
+/// The stream's response channel is gone: stop serving it.
+pub(crate) struct Closed;
+
+/// What differs between a SotW and a Delta stream; [`drive`] is the loop they share.
+pub(crate) trait Protocol {
+    /// The request message of this variant.
+    type Request;
+    /// `sotw` or `delta`, for metrics and logs.
+    const VARIANT: &'static str;
+    /// The stream id, for logs.
+    fn id(&self) -> u64;
+    /// The node id once the first request named it.
+    fn node(&self) -> &str;
+    /// Handles one request (subscription change, ACK or NACK).
+    async fn on_request(&mut self, req: Self::Request) -> Result<(), Closed>;
+    /// Pushes what changed in a newly published snapshot.
+    async fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), Closed>;
+}
+
+/// Serves one stream: requests from the client and new registry snapshots, until the client
+/// goes away, the response channel closes or the server shuts down.
+pub(crate) async fn drive<P: Protocol>(
+    mut p: P,
+    ctx: Arc<Ctx>,
+    mut inbound: Streaming<P::Request>,
+) {
+    ctx.metrics.stream_opened(P::VARIANT);
+    tracing::debug!(stream = p.id(), variant = P::VARIANT, "xds: stream opened");
+    let mut snapshots = ctx.snapshots.clone();
+    snapshots.mark_unchanged();
+    loop {
+        let next = or_shutdown(&ctx, async {
+            tokio::select! {
+                m = inbound.message() => Ok(m),
+                c = snapshots.changed() => Err(c.is_ok()),
+            }
+        })
+        .await;
+        let step = match next {
+            None | Some(Ok(Ok(None))) | Some(Err(false)) => break,
+            Some(Ok(Ok(Some(req)))) => p.on_request(req).await,
+            Some(Ok(Err(status))) => {
+                tracing::debug!(stream = p.id(), node = %p.node(), variant = P::VARIANT, %status, "xds: stream error");
+                break;
+            }
+            Some(Err(true)) => {
+                let snapshot = snapshots.borrow_and_update().clone();
+                p.on_snapshot(snapshot).await
+            }
+        };
+        if step.is_err() {
+            break;
+        }
+    }
+    ctx.metrics.stream_closed(P::VARIANT);
+    tracing::debug!(stream = p.id(), node = %p.node(), variant = P::VARIANT, "xds: stream closed");
+}
+
 pub(crate) async fn or_shutdown<F: Future>(ctx: &Ctx, fut: F) -> Option<F::Output> {
     tokio::select! {
         v = fut => Some(v),

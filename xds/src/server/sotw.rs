@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use super::{Ctx, or_shutdown, resolve_type};
+use super::{Closed, Ctx, Protocol, resolve_type};
 use crate::resources::{ResourceType, Snapshot};
 
 /// The wildcard resource name (xDS).
@@ -48,9 +48,6 @@ pub(crate) struct Session {
     snapshot: Arc<Snapshot>,
 }
 
-/// Stream ended (client gone or shutdown): stop quietly.
-struct Closed;
-
 impl Session {
     pub(crate) fn new(
         ctx: Arc<Ctx>,
@@ -73,44 +70,7 @@ impl Session {
         }
     }
 
-    pub(crate) async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        self.ctx.metrics.stream_opened("sotw");
-        tracing::debug!(stream = self.id, peer = ?self.peer, "xds: SotW stream opened");
-        let mut snapshots = self.ctx.snapshots.clone();
-        snapshots.mark_unchanged();
-        let ctx = self.ctx.clone();
-        loop {
-            let next = or_shutdown(&ctx, async {
-                tokio::select! {
-                    m = inbound.message() => Ok(m),
-                    c = snapshots.changed() => Err(c.is_ok()),
-                }
-            })
-            .await;
-            let step = match next {
-                None => break,
-                Some(Ok(Ok(Some(req)))) => self.on_request(req).await,
-                Some(Ok(Ok(None))) => break,
-                Some(Ok(Err(status))) => {
-                    tracing::debug!(stream = self.id, node = %self.node, %status, "xds: SotW stream error");
-                    break;
-                }
-                Some(Err(true)) => {
-                    let seen = self.snapshot.generation;
-                    self.snapshot = snapshots.borrow_and_update().clone();
-                    self.push_all(seen).await
-                }
-                Some(Err(false)) => break,
-            };
-            if step.is_err() {
-                break;
-            }
-        }
-        self.ctx.metrics.stream_closed("sotw");
-        tracing::debug!(stream = self.id, node = %self.node, "xds: SotW stream closed");
-    }
-
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
+    async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
         if let Some(node) = &req.node
             && self.node.is_empty()
         {
@@ -277,5 +237,28 @@ impl Session {
         self.ctx.metrics.response(t);
         self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;
         Ok(true)
+    }
+}
+
+impl Protocol for Session {
+    type Request = DiscoveryRequest;
+    const VARIANT: &'static str = "sotw";
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
+        self.handle_request(req).await
+    }
+
+    async fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), Closed> {
+        let seen = self.snapshot.generation;
+        self.snapshot = snapshot;
+        self.push_all(seen).await
     }
 }
