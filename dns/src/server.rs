@@ -19,8 +19,6 @@ use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
 use crate::table::DnsTable;
 
-/// A TCP client idle this long is disconnected (RFC 7766 suggests seconds).
-const TCP_IDLE: Duration = Duration::from_secs(10);
 /// At most this many TCP clients at once.
 const MAX_TCP_CONNECTIONS: usize = 512;
 
@@ -39,6 +37,9 @@ pub struct ResolverConfig {
     pub max_inflight: usize,
     /// UDP sockets (and receive loops); defaults to the number of cores.
     pub udp_workers: usize,
+    /// A TCP client idle (or stalled mid-message) this long is disconnected; RFC 7766
+    /// suggests seconds. Default 10 s.
+    pub tcp_idle: Duration,
 }
 
 impl ResolverConfig {
@@ -50,6 +51,7 @@ impl ResolverConfig {
             upstreams,
             timeout: Duration::from_secs(2),
             max_inflight: 1024,
+            tcp_idle: Duration::from_secs(10),
             udp_workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
@@ -67,6 +69,7 @@ pub struct Resolver {
 
 struct Shared {
     settings: Settings,
+    tcp_idle: Duration,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
     table: watch::Receiver<Arc<DnsTable>>,
@@ -106,6 +109,7 @@ impl Resolver {
             local,
             shared: Arc::new(Shared {
                 settings: cfg.settings,
+                tcp_idle: cfg.tcp_idle,
                 forwarder,
                 metrics,
                 table,
@@ -267,11 +271,16 @@ async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancella
 async fn tcp_conn(mut stream: TcpStream, shared: &Shared) {
     let mut table = TableView::new(shared.table.clone());
     loop {
-        let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else {
+        let Ok(Ok(len)) = tokio::time::timeout(shared.tcp_idle, stream.read_u16()).await else {
             return;
         };
         let mut packet = vec![0u8; usize::from(len)];
-        if stream.read_exact(&mut packet).await.is_err() {
+        // A client that announces a length and then stalls (or never reads its answers
+        // below) loses its connection after `tcp_idle` instead of holding a slot forever.
+        if !matches!(
+            tokio::time::timeout(shared.tcp_idle, stream.read_exact(&mut packet)).await,
+            Ok(Ok(_))
+        ) {
             return;
         }
         let reply = match decide(&packet, table.get(), &shared.settings) {
@@ -303,7 +312,10 @@ async fn tcp_conn(mut stream: TcpStream, shared: &Shared) {
         let mut frame = Vec::with_capacity(reply.len() + 2);
         frame.extend_from_slice(&n.to_be_bytes());
         frame.extend_from_slice(&reply);
-        if stream.write_all(&frame).await.is_err() {
+        if !matches!(
+            tokio::time::timeout(shared.tcp_idle, stream.write_all(&frame)).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
     }

@@ -41,6 +41,7 @@ async fn setup(timeout: Duration) -> Option<Setup> {
     let (tx, rx) = watch::channel(Arc::new(DnsTable::new([(FED, VIP)])));
     let mut cfg = ResolverConfig::new("127.0.0.1:0".parse().unwrap(), vec![upstream.addr()]);
     cfg.timeout = timeout;
+    cfg.tcp_idle = Duration::from_millis(400);
     cfg.settings = Settings {
         ttl: 30,
         search_suffixes: vec!["demo.svc.cluster.local".into(), "svc.cluster.local".into()],
@@ -237,5 +238,29 @@ async fn malformed_packets_are_dropped_and_counted() {
         .unwrap();
     assert!(rest.is_empty());
     let a = dig(s.addr, FED, "A", &[]).await.unwrap();
+    assert_eq!(a.answers[0].3, VIP.to_string(), "still serving: {}", a.raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tcp_clients_are_disconnected() {
+    let Some(s) = setup(Duration::from_secs(2)).await else {
+        return;
+    };
+    // Announces a 32-byte query, sends 3 bytes, then stalls.
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"\x00\x20abc")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the server closes a stalled connection: {closed:?}"
+    );
+    let a = dig(s.addr, FED, "A", &["+tcp"]).await.unwrap();
     assert_eq!(a.answers[0].3, VIP.to_string(), "still serving: {}", a.raw);
 }
