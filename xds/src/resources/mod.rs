@@ -240,6 +240,15 @@ impl Snapshot {
             .filter(|c| c.from_generation == generation)
             .map(|c| c.names[t.index()].as_slice())
     }
+
+    /// [`Snapshot::changed_since`], or every name of type `t` when the change list does not
+    /// reach back to `generation`: the names a stream at `generation` must look at again.
+    pub fn changed_or_all(&self, generation: u64, t: ResourceType) -> Vec<String> {
+        match self.changed_since(generation, t) {
+            Some(names) => names.to_vec(),
+            None => self.of(t).resources.keys().cloned().collect(),
+        }
+    }
 }
 
 /// Builds the snapshot for `config`.

@@ -145,16 +145,7 @@ impl Session {
                 .push(ResourceType::Cluster, false, Some(seen), &[])
                 .await?
         {
-            let snap = self.snapshot.clone();
-            rewarm = match snap.changed_since(seen, ResourceType::Cluster) {
-                Some(names) => names.to_vec(),
-                None => snap
-                    .of(ResourceType::Cluster)
-                    .resources
-                    .keys()
-                    .cloned()
-                    .collect(),
-            };
+            rewarm = self.snapshot.changed_or_all(seen, ResourceType::Cluster);
             if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
                 for n in &rewarm {
                     eds.sent.remove(n);
