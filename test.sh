@@ -8,3 +8,5 @@ cd "$(dirname "$0")"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The fuzz targets live outside the workspace: make sure they still build.
+cargo check --manifest-path fuzz/Cargo.toml --locked
