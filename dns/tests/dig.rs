@@ -264,3 +264,39 @@ async fn stalled_tcp_clients_are_disconnected() {
     let a = dig(s.addr, FED, "A", &["+tcp"]).await.unwrap();
     assert_eq!(a.answers[0].3, VIP.to_string(), "still serving: {}", a.raw);
 }
+
+#[tokio::test]
+async fn bad_settings_are_refused_with_a_clear_error() {
+    let port = testkit::free_port();
+    let me: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (_tx, rx) = watch::channel(Arc::new(DnsTable::default()));
+    let err = Resolver::bind(
+        ResolverConfig::new(me, vec![me]),
+        rx.clone(),
+        Arc::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("own listen address: queries would loop"),
+        "{err}"
+    );
+    let err = Resolver::bind(ResolverConfig::new(me, vec![]), rx.clone(), Arc::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no upstream resolvers"), "{err}");
+    // A port already taken by another server is named in the error.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let up: SocketAddr = ([127, 0, 0, 1], 9).into();
+    let err = Resolver::bind(ResolverConfig::new(addr, vec![up]), rx, Arc::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!("cannot listen for DNS on {addr}")),
+        "{err}"
+    );
+}
