@@ -19,9 +19,12 @@ fn query(name: &str) -> Vec<u8> {
 }
 
 fn bench(c: &mut Criterion) {
-    let table = DnsTable::new(
-        (0..10_000u32).map(|i| (format!("svc{i}.demo.local.domain"), Ipv4Addr::from(0x7ff0_0000 + i))),
-    );
+    let table = DnsTable::new((0..10_000u32).map(|i| {
+        (
+            format!("svc{i}.demo.local.domain"),
+            Ipv4Addr::from(0x7ff0_0000 + i),
+        )
+    }));
     let settings = Settings {
         search_suffixes: vec!["demo.svc.cluster.local".into(), "svc.cluster.local".into()],
         ..Settings::default()
