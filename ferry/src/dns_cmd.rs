@@ -16,16 +16,25 @@ use crate::cli::DnsArgs;
 /// Runs the resolver until SIGTERM/SIGINT.
 pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let (table, default_listen) = match (&args.xds, &args.config) {
-        (Some(url), _) => (from_xds(url, &stop), xds::config::defaults::DNS),
-        (None, Some(path)) => {
-            let (rx, listen) = from_config(path)?;
-            (rx, listen)
-        }
+    let Source {
+        table,
+        listen: default_listen,
+        upstreams: config_upstreams,
+    } = match (&args.xds, &args.config) {
+        (Some(url), _) => Source {
+            table: from_xds(url, &stop),
+            listen: xds::config::defaults::DNS,
+            upstreams: Vec::new(),
+        },
+        (None, Some(path)) => from_config(path)?,
         (None, None) => anyhow::bail!("give --xds or --config"),
     };
 
+    // Upstreams: --upstream, else the config's dns.upstreams, else resolv.conf.
     let (mut upstreams, mut suffixes) = (args.upstreams, args.search_suffixes);
+    if upstreams.is_empty() {
+        upstreams = config_upstreams;
+    }
     if upstreams.is_empty() || suffixes.is_empty() {
         let (ups, search) = dns::forward::from_resolv_conf(&args.resolv_conf)?;
         if upstreams.is_empty() {
@@ -90,10 +99,16 @@ fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable
     rx
 }
 
-/// The table from the config file (hot reloaded), and the config's DNS listen address.
-fn from_config(
-    path: &std::path::Path,
-) -> anyhow::Result<(watch::Receiver<Arc<DnsTable>>, std::net::SocketAddr)> {
+/// Where the names come from, and what a config file says about listening and upstreams.
+struct Source {
+    table: watch::Receiver<Arc<DnsTable>>,
+    listen: std::net::SocketAddr,
+    upstreams: Vec<std::net::SocketAddr>,
+}
+
+/// The table from the config file (hot reloaded), with the config's `listen.dns` and
+/// `dns.upstreams`.
+fn from_config(path: &std::path::Path) -> anyhow::Result<Source> {
     let watcher = ConfigWatcher::start(path)
         .with_context(|| format!("cannot start with config {}", path.display()))?;
     let mut config = watcher.subscribe();
@@ -108,5 +123,9 @@ fn from_config(
             tx.send_replace(Arc::new(table));
         }
     });
-    Ok((rx, first.agent.listen.dns))
+    Ok(Source {
+        table: rx,
+        listen: first.agent.listen.dns,
+        upstreams: first.agent.dns.upstreams.clone(),
+    })
 }

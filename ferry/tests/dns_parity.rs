@@ -10,9 +10,14 @@ use std::time::Duration;
 
 use testkit::dns::{DigAnswer, dig, dig_available};
 
-fn config(dir: &std::path::Path, xds: SocketAddr, envoy_dns: SocketAddr) -> String {
+fn config(
+    dir: &std::path::Path,
+    xds: SocketAddr,
+    envoy_dns: SocketAddr,
+    upstream: SocketAddr,
+) -> String {
     let mut s = format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: {xds}\n  dns: {envoy_dns}\n  workloadApi: unix://{}/agent.sock\nca:\n  stateDir: {}/ca\n",
+        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  xds: {xds}\n  dns: {envoy_dns}\n  workloadApi: unix://{}/agent.sock\nca:\n  stateDir: {}/ca\ndns:\n  upstreams: [\"{upstream}\"]\n",
         dir.display(),
         dir.display()
     );
@@ -55,7 +60,8 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
     let ferry_dns: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let ferry_nx: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let path = dir.path().join("ferry.yaml");
-    std::fs::write(&path, config(dir.path(), xds, envoy_dns)).unwrap();
+    let upstream = testkit::dns::Upstream::start().await.unwrap();
+    std::fs::write(&path, config(dir.path(), xds, envoy_dns, upstream.addr())).unwrap();
 
     let mut agent = spawn(&["agent", "--config", path.to_str().unwrap()]);
     testkit::wait_for_port(xds, Duration::from_secs(15))
@@ -78,7 +84,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
         "--listen",
         &ferry_dns.to_string(),
         "--upstream",
-        "127.0.0.1:9",
+        &upstream.addr().to_string(),
         "--search-suffix",
         "svc.cluster.local",
     ]);
@@ -137,7 +143,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
         "--listen",
         &ferry_nx.to_string(),
         "--upstream",
-        "127.0.0.1:9",
+        &upstream.addr().to_string(),
         "--search-suffix",
         "svc.cluster.local",
         "--no-data",
@@ -173,6 +179,36 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
             n.raw
         );
     }
+
+    // Names that are not federated: both resolve them through the same upstream (the
+    // config's dns.upstreams reach Envoy over LDS), and pass NXDOMAIN through.
+    let values = |a: &DigAnswer| {
+        let mut v: Vec<(String, String)> = a
+            .answers
+            .iter()
+            .map(|r| (r.2.clone(), r.3.clone()))
+            .collect();
+        v.sort();
+        (a.status.clone(), v)
+    };
+    for name in ["www.upstream.test", "nope.upstream.test"] {
+        let e = dig(envoy_dns, name, "A", &[]).await.unwrap();
+        let f = dig(ferry_dns, name, "A", &[]).await.unwrap();
+        assert_eq!(
+            values(&e),
+            values(&f),
+            "A {name}\nenvoy:\n{}\nferry:\n{}",
+            e.raw,
+            f.raw
+        );
+    }
+    let w = dig(ferry_dns, "www.upstream.test", "A", &[]).await.unwrap();
+    assert_eq!(
+        w.answers[0].3,
+        testkit::dns::UPSTREAM_WWW.to_string(),
+        "{}",
+        w.raw
+    );
 
     // The control plane goes away: the last names learned keep serving.
     agent.kill().await.unwrap();

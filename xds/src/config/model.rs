@@ -72,6 +72,17 @@ pub struct AgentConfig {
     pub registration_entries: Vec<RegistrationEntry>,
     /// The loopback range VIPs are allocated from.
     pub vip_range: Ipv4Net,
+    /// Local DNS settings shared by ferry's resolver and the `dns` listener given to Envoy.
+    pub dns: DnsSettings,
+}
+
+/// DNS settings that must be the same for every resolver serving this zone's names.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSettings {
+    /// Where names that are not federated are resolved; empty means the host's
+    /// `/etc/resolv.conf` nameservers.
+    pub upstreams: Vec<SocketAddr>,
 }
 
 /// Listen addresses of the agent's servers.

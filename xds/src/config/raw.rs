@@ -30,6 +30,15 @@ pub(crate) struct RawAgentConfig {
     #[serde(default)]
     pub registration_entries: Vec<RawEntry>,
     pub vip_range: Option<String>,
+    #[serde(default)]
+    pub dns: RawDns,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RawDns {
+    #[serde(default)]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -330,6 +330,22 @@ fn agent_config_rules() {
     );
     one_error(&format!("{AGENT}vipRange: nope\n"), "vipRange", "CIDR");
     one_error(
+        &format!("{AGENT}dns:\n  upstreams: [127.0.0.53, dns.google]\n"),
+        "dns.upstreams[1]",
+        "must be an IP or ip:port",
+    );
+    let ok = parse_str(&format!(
+        "{AGENT}dns:\n  upstreams: [127.0.0.53, \"[::1]:5353\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.config.agent.dns.upstreams,
+        [
+            "127.0.0.53:53".parse::<std::net::SocketAddr>().unwrap(),
+            "[::1]:5353".parse().unwrap()
+        ]
+    );
+    one_error(
         "apiVersion: ferry.dev/v2\nkind: AgentConfig\ntrustDomain: a.b\n",
         "apiVersion",
         "ferry.dev/v1alpha1",

@@ -455,6 +455,21 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
         }
     };
 
+    let mut dns_settings = DnsSettings::default();
+    for (n, u) in raw.dns.upstreams.iter().enumerate() {
+        let parsed = u
+            .parse::<SocketAddr>()
+            .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Ok(a) => dns_settings.upstreams.push(a),
+            Err(_) => cx.err(
+                i,
+                &format!("dns.upstreams[{n}]"),
+                format!("must be an IP or ip:port (port 53 when omitted), got {u:?}"),
+            ),
+        }
+    }
+
     Some(AgentConfig {
         trust_domain: trust_domain?,
         listen: Listen {
@@ -468,6 +483,7 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
         trust_bundles,
         registration_entries,
         vip_range,
+        dns: dns_settings,
     })
 }
 

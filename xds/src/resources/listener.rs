@@ -8,8 +8,8 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, LbPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, CidrRange, SocketAddress, address, socket_address::PortSpecifier,
-    socket_address::Protocol,
+    Address, CidrRange, SocketAddress, TypedExtensionConfig, address,
+    socket_address::PortSpecifier, socket_address::Protocol,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::DnsFilterC
 use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::dns_filter_config::{
     ClientContextConfig, ServerContextConfig, server_context_config::ConfigSource,
 };
+use envoy_types::pb::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use envoy_types::util::pack_any;
 use serde::Serialize;
@@ -162,6 +163,35 @@ pub fn passthrough_cluster() -> Resource {
     Resource::new(PASSTHROUGH_CLUSTER.to_owned(), &c, PASSTHROUGH_CLUSTER)
 }
 
+/// c-ares pointed at `dns.upstreams`, or `None` (Envoy's default: the host's resolv.conf).
+fn upstream_resolvers(upstreams: &[SocketAddr]) -> Option<TypedExtensionConfig> {
+    if upstreams.is_empty() {
+        return None;
+    }
+    let cares = CaresDnsResolverConfig {
+        resolvers: upstreams
+            .iter()
+            .map(|u| Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    protocol: Protocol::Udp as i32,
+                    address: u.ip().to_string(),
+                    port_specifier: Some(PortSpecifier::PortValue(u32::from(u.port()))),
+                    ..Default::default()
+                })),
+            })
+            .collect(),
+        use_resolvers_as_fallback: false,
+        ..Default::default()
+    };
+    Some(TypedExtensionConfig {
+        name: CARES_RESOLVER.to_owned(),
+        typed_config: Some(pack_any(cares)),
+    })
+}
+
+/// Envoy's c-ares DNS resolver extension.
+const CARES_RESOLVER: &str = "envoy.network.dns_resolver.cares";
+
 /// The `dns` listener: UDP on `listen.dns` with Envoy's DNS filter, an inline table mapping
 /// every federated hostname to its VIP, and upstream resolution for every other name.
 pub fn dns_listener(config: &Config) -> Resource {
@@ -200,6 +230,7 @@ pub fn dns_listener(config: &Config) -> Resource {
                 nanos: 0,
             }),
             max_pending_lookups: 256,
+            typed_dns_resolver_config: upstream_resolvers(&config.agent.dns.upstreams),
             ..Default::default()
         }),
         case_insensitive: true,
@@ -222,5 +253,9 @@ pub fn dns_listener(config: &Config) -> Resource {
         }],
         ..Default::default()
     };
-    Resource::new(DNS_LISTENER.to_owned(), &l, &(listen, &table))
+    Resource::new(
+        DNS_LISTENER.to_owned(),
+        &l,
+        &(listen, &table, &config.agent.dns.upstreams),
+    )
 }

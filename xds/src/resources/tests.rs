@@ -292,6 +292,65 @@ fn dns_listener_maps_every_hostname_to_its_vip_over_udp() {
 }
 
 #[test]
+fn dns_listener_resolves_other_names_through_the_configured_upstreams() {
+    use envoy_types::pb::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
+    let decode = |cfg: &Config| {
+        let l = listener(&build(cfg, 1), DNS_LISTENER).unwrap();
+        let Some(listener_filter::ConfigType::TypedConfig(any)) =
+            &l.listener_filters[0].config_type
+        else {
+            panic!()
+        };
+        DnsFilterConfig::decode(any.value.as_slice())
+            .unwrap()
+            .client_config
+            .unwrap()
+            .typed_dns_resolver_config
+    };
+    assert!(
+        decode(&standard()).is_none(),
+        "no upstreams: Envoy's default (resolv.conf)"
+    );
+    let with = config(&format!(
+        "{AGENT}dns:\n  upstreams: [\"127.0.0.53\", \"127.0.0.54:5353\"]\n"
+    ));
+    let ext = decode(&with).unwrap();
+    assert_eq!(ext.name, "envoy.network.dns_resolver.cares");
+    let cares = CaresDnsResolverConfig::decode(ext.typed_config.unwrap().value.as_slice()).unwrap();
+    let got: Vec<String> = cares
+        .resolvers
+        .iter()
+        .map(|a| match &a.address {
+            Some(address::Address::SocketAddress(sa)) => {
+                format!("{}:{:?}", sa.address, sa.port_specifier)
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "127.0.0.53:Some(PortValue(53))",
+            "127.0.0.54:Some(PortValue(5353))"
+        ]
+    );
+    assert!(!cares.use_resolvers_as_fallback);
+    // The listener's version follows the upstreams.
+    let a = build(&standard(), 1);
+    let b = build(&with, 1);
+    assert_ne!(
+        a.of(ResourceType::Listener)
+            .get(DNS_LISTENER)
+            .unwrap()
+            .version,
+        b.of(ResourceType::Listener)
+            .get(DNS_LISTENER)
+            .unwrap()
+            .version
+    );
+}
+
+#[test]
 fn versions_are_stable_and_change_only_with_their_inputs() {
     let a = build(&standard(), 1);
     let b = build(&standard(), 2);
