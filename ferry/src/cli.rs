@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// ferry lets plain workloads reach services in other trust zones over SPIFFE mTLS, with no
-/// code change: an xDS server, a DNS resolver, a SPIFFE Workload API and an Istio-compatible
-/// sidecar proxy, configured from one YAML file of Cofide `FederatedService` objects.
+/// ferry lets plain workloads reach services in other trust zones over SPIFFE mTLS, with
+/// no code change. It has the control plane (xDS server, SPIFFE Workload API + SDS and CA)
+/// and the local DNS resolver, configured from one YAML file of Cofide `FederatedService`
+/// objects; stock Envoy driven by `ferry agent` is the sidecar until ferry's own proxy lands.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
+#[command(name = "ferry", version, propagate_version = true)]
 pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// `info,xds=debug`. `RUST_LOG`, when set, wins.
@@ -41,8 +42,9 @@ pub enum Command {
     /// reloading the config file when it changes. Stops cleanly on SIGTERM/SIGINT.
     Agent(AgentArgs),
     /// Run the local DNS resolver: federated hostnames answer with their loopback VIPs,
-    /// every other name is forwarded to the upstream resolvers. Names come from the
-    /// config file (hot reloaded). Stops cleanly on SIGTERM/SIGINT.
+    /// every other name is forwarded to the upstream resolvers. Names come from ferry's
+    /// xDS server (--xds) or a config file (--config, hot reloaded). Stops cleanly on
+    /// SIGTERM/SIGINT.
     Dns(DnsArgs),
 }
 
