@@ -2,6 +2,7 @@
 //! it replaces a stale socket file, answers the real `spiffe` client, and on SIGTERM stops
 //! cleanly and removes its socket.
 
+mod common;
 use std::time::Duration;
 
 #[tokio::test]
@@ -45,15 +46,7 @@ async fn agent_serves_the_workload_api_and_stops_on_sigterm() {
     let svid = svid.expect("ferry agent serves the Workload API within 20 s");
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://client.domain/app");
 
-    let pid = child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("agent stops on SIGTERM")
-        .unwrap();
+    let status = common::sigterm(&mut child).await;
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "socket removed on shutdown");
     // The CA state stays for the next start: key files are private.

@@ -4,6 +4,7 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -60,15 +61,7 @@ async fn agent_serves_the_registry_over_ads() {
 
     // SIGTERM with the ADS stream still open: the agent ends its streams and exits.
 
-    let pid = child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("agent stops on SIGTERM")
-        .unwrap();
+    let status = common::sigterm(&mut child).await;
     assert!(status.success(), "{status:?}");
     shutdown.cancel();
 }

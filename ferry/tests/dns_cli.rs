@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test setup: a failure should panic with its cause
 
+mod common;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::dns::{UPSTREAM_WWW, Upstream, dig, dig_available};
@@ -32,38 +32,24 @@ async fn ferry_dns_serves_config_names_and_follows_edits() {
     std::fs::write(&path, config(&["server"])).unwrap();
     let listen: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let admin: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["dns", "--config"])
-        .arg(&path)
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--upstream",
-            &upstream.addr().to_string(),
-        ])
-        .args([
-            "--search-suffix",
-            "demo.svc.cluster.local",
-            "--admin",
-            &admin.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_ferry([
+        "dns",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        &listen.to_string(),
+        "--upstream",
+        &upstream.addr().to_string(),
+        "--search-suffix",
+        "demo.svc.cluster.local",
+        "--admin",
+        &admin.to_string(),
+    ]);
     testkit::wait_for_port(listen, Duration::from_secs(10))
         .await
         .unwrap();
 
-    let vips: std::collections::BTreeMap<String, String> = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["config", "vips", "--json", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let vips = common::vips(&path);
     let a = dig(listen, "server.demo.local.domain", "A", &[])
         .await
         .unwrap();
@@ -113,14 +99,6 @@ async fn ferry_dns_serves_config_names_and_follows_edits() {
     .unwrap();
 
     // SIGTERM stops it cleanly.
-    let pid = child.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = common::sigterm(&mut child).await;
     assert!(status.success(), "{status:?}");
 }

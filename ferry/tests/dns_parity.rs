@@ -4,8 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test setup: a failure should panic with its cause
 
+mod common;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::dns::{DigAnswer, dig, dig_available};
@@ -27,16 +27,6 @@ fn config(
         ));
     }
     s
-}
-
-fn spawn(args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
 }
 
 /// The parts of an answer both must agree on.
@@ -63,7 +53,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
     let upstream = testkit::dns::Upstream::start().await.unwrap();
     std::fs::write(&path, config(dir.path(), xds, envoy_dns, upstream.addr())).unwrap();
 
-    let mut agent = spawn(&["agent", "--config", path.to_str().unwrap()]);
+    let mut agent = common::spawn_ferry(["agent", "--config", path.to_str().unwrap()]);
     testkit::wait_for_port(xds, Duration::from_secs(15))
         .await
         .unwrap();
@@ -77,7 +67,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
         })
         .await
         .unwrap();
-    let _dns = spawn(&[
+    let _dns = common::spawn_ferry([
         "dns",
         "--xds",
         &format!("http://{xds}"),
@@ -108,19 +98,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
         .await
         .unwrap();
     }
-    let vips: std::collections::BTreeMap<String, String> = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "config",
-                "vips",
-                "--json",
-                "--config",
-                path.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let vips = common::vips(&path);
     for name in names {
         let e = dig(envoy_dns, name, "A", &[]).await.unwrap();
         let f = dig(ferry_dns, name, "A", &[]).await.unwrap();
@@ -136,7 +114,7 @@ async fn envoy_dns_filter_and_ferry_dns_agree_on_federated_names() {
     }
     // AAAA: no data from either. Envoy says NXDOMAIN; ferry by default says NOERROR (RFC
     // 8020: the name exists) and, with --no-data nxdomain, exactly what Envoy says.
-    let _ferry_nx = spawn(&[
+    let _ferry_nx = common::spawn_ferry([
         "dns",
         "--xds",
         &format!("http://{xds}"),
