@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use envoy_types::pb::google::protobuf::Any;
-use prost::Name;
+use prost::{Message, Name};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -131,6 +131,11 @@ pub struct Resource {
     pub version: String,
     /// The resource, packed.
     pub any: Any,
+    /// The envoy delta `Resource` message (version, `Any`, name), encoded once here and
+    /// shared by every stream the resource is sent on.
+    wire: Box<[u8]>,
+    /// Where the encoded `Any` sits in `wire`.
+    any_at: std::ops::Range<usize>,
 }
 
 impl PartialEq for Resource {
@@ -144,14 +149,30 @@ impl Resource {
     /// Hashing inputs rather than encoded bytes keeps versions stable: protobuf maps
     /// (metadata, `Struct`) encode in no fixed order.
     pub fn new<M: Name, I: Serialize + ?Sized>(name: String, msg: &M, inputs: &I) -> Self {
+        let version = content_version(M::full_name().as_str(), inputs);
+        let any = Any {
+            type_url: M::type_url(),
+            value: msg.encode_to_vec(),
+        };
+        let (wire, any_at) =
+            crate::server::wire::encode_resource(&name, &version, &any.encode_to_vec());
         Resource {
             name,
-            version: content_version(M::full_name().as_str(), inputs),
-            any: Any {
-                type_url: M::type_url(),
-                value: msg.encode_to_vec(),
-            },
+            version,
+            any,
+            wire: wire.into_boxed_slice(),
+            any_at,
         }
+    }
+
+    /// The encoded envoy delta `Resource` message (`version`, `resource`, `name`).
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// The encoded `Any` (what a SotW response lists).
+    pub fn any_wire(&self) -> &[u8] {
+        self.wire.get(self.any_at.clone()).unwrap_or_default()
     }
 }
 

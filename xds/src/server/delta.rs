@@ -10,13 +10,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::sotw::WILDCARD;
+use super::wire::DeltaResponse;
 use super::{Closed, Ctx, Protocol, resolve_type};
 use crate::resources::{ResourceType, Snapshot};
 
@@ -37,7 +36,7 @@ pub(crate) struct Session {
     id: u64,
     peer: Option<SocketAddr>,
     fixed: Option<ResourceType>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<DeltaResponse, Status>>,
     node: String,
     types: [Option<TypeState>; 3],
     nonces: u64,
@@ -50,7 +49,7 @@ impl Session {
         id: u64,
         peer: Option<SocketAddr>,
         fixed: Option<ResourceType>,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        tx: mpsc::Sender<Result<DeltaResponse, Status>>,
     ) -> Self {
         let snapshot = ctx.snapshots.borrow().clone();
         Session {
@@ -266,21 +265,12 @@ impl Session {
         let nonce = self.nonces.to_string();
         st.nonce = nonce.clone();
         tracing::debug!(stream = self.id, node = %self.node, r#type = %t, updated = updated.len(), removed = removed.len(), "xds: Delta push");
-        let resp = DeltaDiscoveryResponse {
+        let resp = DeltaResponse {
             system_version_info: res.version.clone(),
-            resources: updated
-                .iter()
-                .map(|r| PbResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: t.type_url().to_owned(),
-            removed_resources: removed,
+            resources: updated,
+            type_url: t.type_url(),
             nonce,
-            ..Default::default()
+            removed_resources: removed,
         };
         self.ctx.metrics.response(t);
         self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;

@@ -6,38 +6,27 @@
 //! subscriptions), reading snapshots from a `watch` channel: a registry change wakes every
 //! stream at once, and no stream ever waits on another or on a lock.
 
+mod body;
 mod delta;
+mod grpc;
 mod metrics;
 mod sotw;
+pub(crate) mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::{
-    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
-    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_server::{
-    ListenerDiscoveryService, ListenerDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+
+use wire::{DeltaResponse, SotwResponse};
 
 pub use metrics::XdsMetrics;
 
@@ -102,22 +91,10 @@ impl XdsServer {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(
-                AggregatedDiscoveryServiceServer::new(self.clone())
-                    .max_decoding_message_size(16 << 20),
-            )
-            .add_service(ClusterDiscoveryServiceServer::new(Standalone {
-                server: self.clone(),
-                t: ResourceType::Cluster,
-            }))
-            .add_service(EndpointDiscoveryServiceServer::new(Standalone {
-                server: self.clone(),
-                t: ResourceType::Endpoint,
-            }))
-            .add_service(ListenerDiscoveryServiceServer::new(Standalone {
-                server: self.clone(),
-                t: ResourceType::Listener,
-            }))
+            .add_service(grpc::Ads::new(self.clone()))
+            .add_service(grpc::Cds::new(self.clone()))
+            .add_service(grpc::Eds::new(self.clone()))
+            .add_service(grpc::Lds::new(self.clone()))
     }
 
     /// Binds `addr` and serves until the shutdown token fires.
@@ -150,141 +127,58 @@ impl XdsServer {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
         fixed: Option<ResourceType>,
-    ) -> ResponseStream<DiscoveryResponse> {
+    ) -> mpsc::Receiver<Result<SotwResponse, Status>> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = sotw::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
         tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
-        Box::pin(ReceiverStream::new(rx))
+        rx
     }
 
     fn start_delta(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
         fixed: Option<ResourceType>,
-    ) -> ResponseStream<DeltaDiscoveryResponse> {
+    ) -> mpsc::Receiver<Result<DeltaResponse, Status>> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = delta::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
         tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
-        Box::pin(ReceiverStream::new(rx))
+        rx
     }
 }
 
-/// A boxed stream of responses (what every streaming method returns).
-pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
+impl XdsServer {
+    /// The unary `Fetch*` call of the standalone service for `t`: the requested (or all)
+    /// resources of the type, once.
+    fn fetch(
         &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start_sotw(req, None)))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start_delta(req, None)))
-    }
-}
-
-/// One standalone (non-aggregated) discovery service: CDS, EDS or LDS.
-#[derive(Debug, Clone)]
-struct Standalone {
-    server: XdsServer,
-    t: ResourceType,
-}
-
-impl Standalone {
-    /// The unary `Fetch*` call: the requested (or all) resources of the type, once.
-    fn fetch(&self, req: DiscoveryRequest) -> Result<Response<DiscoveryResponse>, Status> {
-        if !req.type_url.is_empty() && req.type_url != self.t.type_url() {
+        t: ResourceType,
+        req: DiscoveryRequest,
+    ) -> Result<Response<SotwResponse>, Status> {
+        if !req.type_url.is_empty() && req.type_url != t.type_url() {
             return Err(Status::invalid_argument(format!(
                 "this is the {} service; it does not serve {:?}",
-                self.t, req.type_url
+                t, req.type_url
             )));
         }
-        let snap = self.server.ctx.snapshots.borrow().clone();
-        let res = snap.of(self.t);
+        let snap = self.ctx.snapshots.borrow().clone();
+        let res = snap.of(t);
         let resources = res
             .resources
             .values()
             .filter(|r| req.resource_names.is_empty() || req.resource_names.contains(&r.name))
-            .map(|r| r.any.clone())
+            .cloned()
             .collect();
-        self.server.ctx.metrics.response(self.t);
-        Ok(Response::new(DiscoveryResponse {
+        self.ctx.metrics.response(t);
+        Ok(Response::new(SotwResponse {
             version_info: res.version.clone(),
             resources,
-            type_url: self.t.type_url().to_owned(),
+            type_url: t.type_url(),
             nonce: String::new(),
-            ..Default::default()
         }))
     }
 }
-
-/// Implements one standalone service trait by delegating to the shared stream code.
-macro_rules! standalone {
-    ($trait:ident, $sotw_ty:ident, $sotw:ident, $delta_ty:ident, $delta:ident, $fetch:ident) => {
-        #[tonic::async_trait]
-        impl $trait for Standalone {
-            type $sotw_ty = ResponseStream<DiscoveryResponse>;
-            type $delta_ty = ResponseStream<DeltaDiscoveryResponse>;
-
-            async fn $sotw(
-                &self,
-                req: Request<Streaming<DiscoveryRequest>>,
-            ) -> Result<Response<Self::$sotw_ty>, Status> {
-                Ok(Response::new(self.server.start_sotw(req, Some(self.t))))
-            }
-
-            async fn $delta(
-                &self,
-                req: Request<Streaming<DeltaDiscoveryRequest>>,
-            ) -> Result<Response<Self::$delta_ty>, Status> {
-                Ok(Response::new(self.server.start_delta(req, Some(self.t))))
-            }
-
-            async fn $fetch(
-                &self,
-                req: Request<DiscoveryRequest>,
-            ) -> Result<Response<DiscoveryResponse>, Status> {
-                self.fetch(req.into_inner())
-            }
-        }
-    };
-}
-
-standalone!(
-    ClusterDiscoveryService,
-    StreamClustersStream,
-    stream_clusters,
-    DeltaClustersStream,
-    delta_clusters,
-    fetch_clusters
-);
-standalone!(
-    EndpointDiscoveryService,
-    StreamEndpointsStream,
-    stream_endpoints,
-    DeltaEndpointsStream,
-    delta_endpoints,
-    fetch_endpoints
-);
-standalone!(
-    ListenerDiscoveryService,
-    StreamListenersStream,
-    stream_listeners,
-    DeltaListenersStream,
-    delta_listeners,
-    fetch_listeners
-);
 
 /// Resolves a request's type URL: the stream's fixed type for standalone services (where
 /// an empty type URL is allowed), else one of the served types, or a clear error.

@@ -12,10 +12,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::wire::SotwResponse;
 use super::{Closed, Ctx, Protocol, resolve_type};
 use crate::resources::{ResourceType, Snapshot};
 
@@ -41,7 +42,7 @@ pub(crate) struct Session {
     id: u64,
     peer: Option<SocketAddr>,
     fixed: Option<ResourceType>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<SotwResponse, Status>>,
     node: String,
     types: [Option<TypeState>; 3],
     nonces: u64,
@@ -54,7 +55,7 @@ impl Session {
         id: u64,
         peer: Option<SocketAddr>,
         fixed: Option<ResourceType>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        tx: mpsc::Sender<Result<SotwResponse, Status>>,
     ) -> Self {
         let snapshot = ctx.snapshots.borrow().clone();
         Session {
@@ -217,14 +218,13 @@ impl Session {
         }
         st.sent_version = Some(res.version.clone());
         st.nonce = nonce.clone();
-        let resp = DiscoveryResponse {
-            version_info: res.version.clone(),
-            resources: resources.iter().map(|r| r.any.clone()).collect(),
-            type_url: t.type_url().to_owned(),
-            nonce,
-            ..Default::default()
-        };
         tracing::debug!(stream = self.id, node = %self.node, r#type = %t, version = %res.version, resources = resources.len(), "xds: SotW push");
+        let resp = SotwResponse {
+            version_info: res.version.clone(),
+            resources: resources.into_iter().cloned().collect(),
+            type_url: t.type_url(),
+            nonce,
+        };
         self.ctx.metrics.response(t);
         self.tx.send(Ok(resp)).await.map_err(|_| Closed)?;
         Ok(true)
