@@ -213,6 +213,70 @@ pub(crate) fn resolve_type(
 /// The stream's response channel is gone: stop serving it.
 pub(crate) struct Closed;
 
+/// What every xDS stream keeps, SotW or Delta: `R` is the response type sent, `T` the
+/// variant's per-resource-type state.
+pub(crate) struct Stream<R, T> {
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) id: u64,
+    pub(crate) peer: Option<SocketAddr>,
+    /// The one type a standalone CDS/EDS/LDS stream serves (`None` on ADS).
+    pub(crate) fixed: Option<ResourceType>,
+    pub(crate) tx: mpsc::Sender<Result<R, Status>>,
+    /// The node id, from the first request that named one.
+    pub(crate) node: String,
+    pub(crate) types: [Option<T>; 3],
+    pub(crate) nonces: u64,
+    /// The registry snapshot this stream serves from.
+    pub(crate) snapshot: Arc<Snapshot>,
+}
+
+impl<R, T> Stream<R, T> {
+    /// A stream serving the current snapshot.
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        id: u64,
+        peer: Option<SocketAddr>,
+        fixed: Option<ResourceType>,
+        tx: mpsc::Sender<Result<R, Status>>,
+    ) -> Self {
+        let snapshot = ctx.snapshots.borrow().clone();
+        Stream {
+            ctx,
+            id,
+            peer,
+            fixed,
+            tx,
+            node: String::new(),
+            types: [None, None, None],
+            nonces: 0,
+            snapshot,
+        }
+    }
+
+    /// The start of every request: remembers the node the first time one is named, and
+    /// resolves the type URL, answering an unknown one with `InvalidArgument` and ending
+    /// the stream.
+    pub(crate) async fn accept(
+        &mut self,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        type_url: &str,
+    ) -> Result<ResourceType, Closed> {
+        if let Some(node) = node
+            && self.node.is_empty()
+        {
+            self.node = node.id.clone();
+            tracing::info!(stream = self.id, node = %self.node, cluster = %node.cluster, peer = ?self.peer, "xds: client connected");
+        }
+        match resolve_type(&self.ctx, self.fixed, type_url) {
+            Ok(t) => Ok(t),
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                Err(Closed)
+            }
+        }
+    }
+}
+
 /// What differs between a SotW and a Delta stream; [`drive`] is the loop they share.
 pub(crate) trait Protocol {
     /// The request message of this variant.

@@ -9,22 +9,19 @@
 //! the client has not got in their current version.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use tokio::sync::mpsc;
-use tonic::Status;
 
 use super::wire::SotwResponse;
-use super::{Closed, Ctx, Protocol, resolve_type};
+use super::{Closed, Protocol, Stream};
 use crate::resources::{ResourceType, Snapshot};
 
 /// The wildcard resource name (xDS).
 pub(crate) const WILDCARD: &str = "*";
 
 #[derive(Debug, Default)]
-struct TypeState {
+pub(crate) struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
     /// Type version of the last response (full-state types).
@@ -37,54 +34,12 @@ struct TypeState {
     last_names: Vec<String>,
 }
 
-pub(crate) struct Session {
-    ctx: Arc<Ctx>,
-    id: u64,
-    peer: Option<SocketAddr>,
-    fixed: Option<ResourceType>,
-    tx: mpsc::Sender<Result<SotwResponse, Status>>,
-    node: String,
-    types: [Option<TypeState>; 3],
-    nonces: u64,
-    snapshot: Arc<Snapshot>,
-}
+/// A SotW stream: the shared stream state with this variant's per-type state.
+pub(crate) type Session = Stream<SotwResponse, TypeState>;
 
 impl Session {
-    pub(crate) fn new(
-        ctx: Arc<Ctx>,
-        id: u64,
-        peer: Option<SocketAddr>,
-        fixed: Option<ResourceType>,
-        tx: mpsc::Sender<Result<SotwResponse, Status>>,
-    ) -> Self {
-        let snapshot = ctx.snapshots.borrow().clone();
-        Session {
-            ctx,
-            id,
-            peer,
-            fixed,
-            tx,
-            node: String::new(),
-            types: Default::default(),
-            nonces: 0,
-            snapshot,
-        }
-    }
-
     async fn handle_request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
-        if let Some(node) = &req.node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            tracing::info!(stream = self.id, node = %self.node, cluster = %node.cluster, peer = ?self.peer, "xds: SotW client connected");
-        }
-        let t = match resolve_type(&self.ctx, self.fixed, &req.type_url) {
-            Ok(t) => t,
-            Err(status) => {
-                let _ = self.tx.send(Err(status)).await;
-                return Err(Closed);
-            }
-        };
+        let t = self.accept(req.node.as_ref(), &req.type_url).await?;
         let first = self.types[t.index()].is_none();
         let st = self.types[t.index()].get_or_insert_with(TypeState::default);
         if !first && req.response_nonce != st.nonce {
