@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::sotw::WILDCARD;
 use super::wire::DeltaResponse;
-use super::{Closed, Protocol, Stream};
+use super::{Closed, Protocol, Push, Stream};
 use crate::resources::{ResourceType, Snapshot};
 
 #[derive(Debug, Default)]
@@ -80,35 +80,10 @@ impl Session {
             }
         }
         if changed {
-            self.push(t, first, None, &[]).await.map(|_| ())
+            self.push_type(t, first, None, &[]).await.map(|_| ())
         } else {
             Ok(())
         }
-    }
-
-    /// Pushes what changed in every subscribed type since generation `seen`. The
-    /// assignments of added or changed clusters are sent again after them: a replaced EDS
-    /// cluster waits for its assignment even when it did not change.
-    async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
-        let mut rewarm: Vec<String> = Vec::new();
-        if self.types[ResourceType::Cluster.index()].is_some()
-            && self
-                .push(ResourceType::Cluster, false, Some(seen), &[])
-                .await?
-        {
-            rewarm = self.snapshot.changed_or_all(seen, ResourceType::Cluster);
-            if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
-                for n in &rewarm {
-                    eds.has.remove(n);
-                }
-            }
-        }
-        for t in [ResourceType::Endpoint, ResourceType::Listener] {
-            if self.types[t.index()].is_some() {
-                self.push(t, false, Some(seen), &rewarm).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Sends the resources of type `t` the client lacks or has in another version, and the
@@ -118,7 +93,7 @@ impl Session {
     /// only those names are examined.
     /// `extra`: more names to look at (clusters to re-warm). Returns whether a response
     /// was sent.
-    async fn push(
+    async fn push_type(
         &mut self,
         t: ResourceType,
         initial: bool,
@@ -253,5 +228,25 @@ impl Protocol for Session {
         let seen = self.snapshot.generation;
         self.snapshot = snapshot;
         self.push_all(seen).await
+    }
+}
+
+impl Push for Session {
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        initial: bool,
+        seen: Option<u64>,
+        extra: &[String],
+    ) -> Result<bool, Closed> {
+        self.push_type(t, initial, seen, extra).await
+    }
+
+    fn forget(&mut self, t: ResourceType, names: &[String]) {
+        if let Some(st) = self.types[t.index()].as_mut() {
+            for n in names {
+                st.has.remove(n);
+            }
+        }
     }
 }

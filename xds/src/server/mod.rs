@@ -213,6 +213,50 @@ pub(crate) fn resolve_type(
 /// The stream's response channel is gone: stop serving it.
 pub(crate) struct Closed;
 
+/// How one stream variant sends a type's resources; [`Stream::push_all`] orders the pushes.
+pub(crate) trait Push {
+    /// Sends what the client of type `t` lacks. `initial`: answering a (new) subscription.
+    /// `seen`: the generation the stream had, so only names changed since then (and
+    /// `extra`) need a look. Returns whether a response was sent.
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        initial: bool,
+        seen: Option<u64>,
+        extra: &[String],
+    ) -> Result<bool, Closed>;
+    /// Forgets that the client has `names` of type `t`, so the next push sends them again.
+    fn forget(&mut self, t: ResourceType, names: &[String]);
+}
+
+impl<R, T> Stream<R, T>
+where
+    Self: Push,
+{
+    /// Pushes what changed in every subscribed type since generation `seen`, clusters
+    /// first. A replaced EDS cluster starts warming and waits for its assignment even when
+    /// the assignment did not change, and Envoy does not ask again for a name it already
+    /// watches: so the assignments of every added or changed cluster are sent again right
+    /// after the clusters.
+    pub(crate) async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
+        let mut rewarm: Vec<String> = Vec::new();
+        if self.types[ResourceType::Cluster.index()].is_some()
+            && self
+                .push(ResourceType::Cluster, false, Some(seen), &[])
+                .await?
+        {
+            rewarm = self.snapshot.changed_or_all(seen, ResourceType::Cluster);
+            self.forget(ResourceType::Endpoint, &rewarm);
+        }
+        for t in [ResourceType::Endpoint, ResourceType::Listener] {
+            if self.types[t.index()].is_some() {
+                self.push(t, false, Some(seen), &rewarm).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What every xDS stream keeps, SotW or Delta: `R` is the response type sent, `T` the
 /// variant's per-resource-type state.
 pub(crate) struct Stream<R, T> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use super::wire::SotwResponse;
-use super::{Closed, Protocol, Stream};
+use super::{Closed, Protocol, Push, Stream};
 use crate::resources::{ResourceType, Snapshot};
 
 /// The wildcard resource name (xDS).
@@ -84,43 +84,14 @@ impl Session {
             let keep = &st.names;
             st.sent.retain(|n, _| keep.contains(n));
         }
-        self.push(t, true, None, &[]).await.map(|_| ())
-    }
-
-    /// Pushes what changed in every subscribed type; `seen` is the generation of the
-    /// snapshot the stream had before.
-    ///
-    /// A replaced EDS cluster starts warming and waits for its assignment even when the
-    /// assignment did not change, and Envoy does not ask again for a name it already
-    /// watches: so the assignments of every added or changed cluster are sent again right
-    /// after the clusters.
-    async fn push_all(&mut self, seen: u64) -> Result<(), Closed> {
-        let mut rewarm: Vec<String> = Vec::new();
-        if self.types[ResourceType::Cluster.index()].is_some()
-            && self
-                .push(ResourceType::Cluster, false, Some(seen), &[])
-                .await?
-        {
-            rewarm = self.snapshot.changed_or_all(seen, ResourceType::Cluster);
-            if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
-                for n in &rewarm {
-                    eds.sent.remove(n);
-                }
-            }
-        }
-        for t in [ResourceType::Endpoint, ResourceType::Listener] {
-            if self.types[t.index()].is_some() {
-                self.push(t, false, Some(seen), &rewarm).await?;
-            }
-        }
-        Ok(())
+        self.push_type(t, true, None, &[]).await.map(|_| ())
     }
 
     /// Sends what the client of type `t` lacks. `requested`: answering a (new)
     /// subscription, where full-state types always get a response. `seen`: the generation
     /// the stream had, so only the names changed since then (and `extra`) need a look.
     /// Returns whether a response was sent.
-    async fn push(
+    async fn push_type(
         &mut self,
         t: ResourceType,
         requested: bool,
@@ -206,5 +177,25 @@ impl Protocol for Session {
         let seen = self.snapshot.generation;
         self.snapshot = snapshot;
         self.push_all(seen).await
+    }
+}
+
+impl Push for Session {
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        initial: bool,
+        seen: Option<u64>,
+        extra: &[String],
+    ) -> Result<bool, Closed> {
+        self.push_type(t, initial, seen, extra).await
+    }
+
+    fn forget(&mut self, t: ResourceType, names: &[String]) {
+        if let Some(st) = self.types[t.index()].as_mut() {
+            for n in names {
+                st.sent.remove(n);
+            }
+        }
     }
 }
