@@ -24,6 +24,20 @@ fn uid_sel() -> Vec<String> {
     vec![format!("unix:uid:{}", my_uid())]
 }
 
+/// A config granting `id` to this test process's uid, with SVIDs living `svid_ttl`.
+fn one_entry(dir: &std::path::Path, svid_ttl: &str, id: &str) -> String {
+    config_yaml(
+        dir,
+        svid_ttl,
+        &[Entry {
+            id,
+            selectors: uid_sel(),
+            hint: None,
+        }],
+        &[],
+    )
+}
+
 fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
@@ -109,16 +123,7 @@ async fn spiffe_client_fetches_svids_and_bundle_and_the_chain_verifies() {
 #[tokio::test]
 async fn x509_stream_sees_rotations_without_reconnecting_and_x509_source_follows() {
     let d = testkit::tempdir().unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "4s",
-        &[Entry {
-            id: "spiffe://example.org/rotating",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "4s", "spiffe://example.org/rotating");
     let agent = start(d.path(), &yaml).await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
@@ -160,16 +165,7 @@ async fn x509_stream_sees_rotations_without_reconnecting_and_x509_source_follows
 #[tokio::test]
 async fn jwt_svid_validates_remotely_and_locally_and_rejects_tampering_and_wrong_audience() {
     let d = testkit::tempdir().unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/jwt",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/jwt");
     let agent = start(d.path(), &yaml).await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
@@ -236,16 +232,7 @@ async fn jwt_svid_validates_remotely_and_locally_and_rejects_tampering_and_wrong
 #[tokio::test]
 async fn calls_without_the_security_header_are_invalid_and_wit_is_unimplemented() {
     let d = testkit::tempdir().unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/x",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/x");
     let agent = start(d.path(), &yaml).await;
     let mut bare = raw_client(&agent, false).await;
     let err = bare.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
@@ -297,16 +284,7 @@ async fn unregistered_uid_gets_permission_denied() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/root-only",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/root-only");
     let agent = start(d.path(), &yaml).await;
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -454,16 +432,7 @@ async fn registration_change_and_federated_bundle_change_are_pushed() {
 #[tokio::test]
 async fn restart_keeps_the_root_and_new_svids_verify_against_the_cached_bundle() {
     let d = testkit::tempdir().unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/persist",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/persist");
     let agent = start(d.path(), &yaml).await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
@@ -517,16 +486,7 @@ async fn stale_socket_is_replaced_but_a_live_one_is_not() {
     let sock = d.path().join("agent.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/x",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    );
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/x");
     let agent = start(d.path(), &yaml).await;
     let mode = std::fs::metadata(&sock).unwrap();
     assert_eq!(
@@ -556,17 +516,7 @@ async fn stale_socket_is_replaced_but_a_live_one_is_not() {
 async fn tcp_endpoint_attests_the_caller_uid() {
     let d = testkit::tempdir().unwrap();
     let port = testkit::free_port();
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/tcp",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    )
-    .replace(
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/tcp").replace(
         &format!("unix://{}/agent.sock", d.path().display()),
         &format!("tcp://127.0.0.1:{port}"),
     );
@@ -584,17 +534,8 @@ async fn ca_rotation_is_pushed_and_the_new_chain_verifies_against_the_pushed_bun
     let d = testkit::tempdir().unwrap();
     // Intermediates live 6 s: the next is prepared at once (NotBefore is 10 s back) and
     // takes over at 5/6 of its life, a few seconds in.
-    let yaml = config_yaml(
-        d.path(),
-        "1h",
-        &[Entry {
-            id: "spiffe://example.org/ca-rotation",
-            selectors: uid_sel(),
-            hint: None,
-        }],
-        &[],
-    )
-    .replace("caTtl: 1h", "caTtl: 6s");
+    let yaml = one_entry(d.path(), "1h", "spiffe://example.org/ca-rotation")
+        .replace("caTtl: 1h", "caTtl: 6s");
     let agent = start(d.path(), &yaml).await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
