@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use registry::spiffe::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use xds::config::{AgentConfig, CaBackend};
-use xds::spiffe::{SpiffeId, TrustDomain};
 
 use crate::error::{Error, Result};
 use crate::jwt::{self, JwtBundle, JwtKey, JwtSvid};
@@ -23,7 +22,8 @@ pub const STATE_FILE: &str = "ca-state.json";
 /// The root lives this many times longer than an intermediate (`ca.caTtl`).
 pub const ROOT_TTL_FACTOR: u32 = 10;
 
-/// What the CA needs to know; built from the agent config by [`AuthorityConfig::from_agent`].
+/// What the CA needs to know. The agent's wiring builds it from its config; the CA itself
+/// does not read config files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthorityConfig {
     /// The trust domain every certificate is for.
@@ -37,27 +37,20 @@ pub struct AuthorityConfig {
 }
 
 impl AuthorityConfig {
-    /// The CA settings of an agent config (root TTL = [`ROOT_TTL_FACTOR`] x `caTtl`).
-    pub fn from_agent(agent: &AgentConfig) -> Self {
+    /// Settings for `trust_domain` with state in `state_dir`: intermediates and JWT keys live
+    /// `ca_ttl` (SPIRE's `ca_ttl`), the root [`ROOT_TTL_FACTOR`] times as long.
+    pub fn new(trust_domain: TrustDomain, state_dir: PathBuf, ca_ttl: Duration) -> Self {
         Self {
-            trust_domain: agent.trust_domain.clone(),
-            state_dir: agent.ca.state_dir.clone(),
-            root_ttl: agent.ca.ca_ttl * ROOT_TTL_FACTOR,
-            ca_ttl: agent.ca.ca_ttl,
+            trust_domain,
+            state_dir,
+            root_ttl: ca_ttl * ROOT_TTL_FACTOR,
+            ca_ttl,
         }
     }
-}
 
-/// The key store for the configured backend: software keys in `<stateDir>/keys`.
-pub fn key_store(agent: &AgentConfig) -> Result<Arc<dyn KeyStore>> {
-    match agent.ca.backend {
-        CaBackend::Software => Ok(Arc::new(SoftwareKeyStore::new(
-            agent.ca.state_dir.join("keys"),
-        ))),
-        CaBackend::Tpm => Err(Error::BackendUnavailable {
-            backend: "tpm".into(),
-            hint: "the TPM signer is not built yet; set ca.backend: software",
-        }),
+    /// The software key store of this state dir (`<stateDir>/keys`).
+    pub fn software_keys(&self) -> Arc<dyn KeyStore> {
+        Arc::new(SoftwareKeyStore::new(self.state_dir.join("keys")))
     }
 }
 

@@ -276,19 +276,3 @@ fn jwt_keys_rotate_like_the_ca() {
     jwt::validate(&old.token, "x", &bundles, SystemTime::now()).unwrap();
     jwt::validate(&new.token, "x", &bundles, SystemTime::now()).unwrap();
 }
-
-#[test]
-fn tpm_backend_is_reported_unavailable() {
-    let mut agent_yaml = String::from(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: example.org\nca:\n  backend: tpm\n",
-    );
-    agent_yaml.push('\n');
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("f.yaml");
-    std::fs::write(&p, agent_yaml).unwrap();
-    let cfg = xds::config::load(&p).unwrap().config;
-    assert!(matches!(
-        key_store(&cfg.agent),
-        Err(Error::BackendUnavailable { .. })
-    ));
-}

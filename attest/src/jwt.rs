@@ -10,9 +10,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
+use registry::spiffe::{SpiffeId, TrustDomain};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use xds::spiffe::{SpiffeId, TrustDomain};
 
 use crate::error::{Error, JwtError, Result};
 use crate::signer::Signer;

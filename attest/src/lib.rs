@@ -17,7 +17,7 @@ pub mod jwt;
 pub mod signer;
 pub mod x509;
 
-pub use ca::{Authority, AuthorityConfig, key_store};
+pub use ca::{Authority, AuthorityConfig};
 pub use error::{Error, JwtError, Result};
 pub use jwt::{Claims, JwtBundle, JwtSvid};
 pub use signer::{KeyStore, Signer, SoftwareKeyStore, SoftwareSigner};

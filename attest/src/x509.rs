@@ -9,8 +9,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
+use registry::spiffe::{SpiffeId, TrustDomain};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-use xds::spiffe::{SpiffeId, TrustDomain};
 
 use crate::error::{Error, Result};
 use crate::signer::{RcgenKey, Signer};

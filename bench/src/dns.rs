@@ -51,7 +51,7 @@ fn config_yaml(services: usize) -> String {
 
 /// Envoy's DNS filter with the same table, TTL and upstream as ferry's resolver.
 fn envoy_bootstrap(
-    config: &xds::config::Config,
+    config: &registry::config::Config,
     listen: SocketAddr,
     upstream: SocketAddr,
     admin: u16,
@@ -106,7 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = testkit::tempdir()?;
     let cfg_path = dir.path().join("ferry.yaml");
     std::fs::write(&cfg_path, config_yaml(args.services))?;
-    let config = xds::config::load(&cfg_path)?.config;
+    let config = registry::config::load(&cfg_path)?.config;
 
     let ferry_addr: SocketAddr = ([127, 0, 0, 1], testkit::free_port()).into();
     let mut ferry_proc = tokio::process::Command::new(&ferry)

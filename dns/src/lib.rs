@@ -18,4 +18,4 @@ pub mod table;
 
 pub use error::{DnsError, ForwardError};
 pub use server::{Resolver, ResolverConfig};
-pub use table::DnsTable;
+pub use table::{DnsTable, follow};

@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
 
 /// Federated hostnames and their VIPs, as the control plane publishes them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,19 +27,8 @@ impl DnsTable {
     }
 
     /// The table for a validated ferry config (every federated service's hostname and VIP).
-    pub fn from_config(config: &xds::config::Config) -> Self {
+    pub fn from_config(config: &registry::config::Config) -> Self {
         Self::new(config.services.iter().map(|s| (s.hostname.as_str(), s.vip)))
-    }
-
-    /// The table the ADS client's current state implies (each cluster's hostname and VIP
-    /// from its `ferry` metadata). An empty state (nothing received yet) gives an empty table.
-    pub fn from_xds(state: &xds::client::XdsState) -> Self {
-        Self::new(
-            state
-                .services
-                .values()
-                .map(|s| (s.cluster.hostname.as_str(), s.cluster.vip)),
-        )
     }
 
     /// Number of federated names.
@@ -68,6 +60,38 @@ impl DnsTable {
     }
 }
 
+/// Keeps a table current from any published state (a config snapshot, an xDS client's
+/// state, a proxy's listeners): `build` turns each new `T` into the table the resolver
+/// serves. The returned receiver is what [`crate::Resolver::bind`] takes; the copying task
+/// ends when `source`'s sender is dropped, so the caller decides its lifetime by keeping the
+/// publisher alive. This is how the resolver is embedded without knowing where names come
+/// from.
+pub fn follow<T>(
+    mut source: watch::Receiver<Arc<T>>,
+    build: fn(&T) -> DnsTable,
+) -> watch::Receiver<Arc<DnsTable>>
+where
+    T: Send + Sync + 'static,
+{
+    let first = build(&source.borrow_and_update());
+    tracing::info!(names = first.len(), "federated names loaded");
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        while source.changed().await.is_ok() {
+            let table = build(&source.borrow_and_update());
+            if **tx.borrow() == table {
+                continue;
+            }
+            tracing::info!(names = table.len(), "federated names updated");
+            tx.send_replace(Arc::new(table));
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Lowercase without the trailing dot: the table's key form.
 pub fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -76,6 +100,28 @@ pub fn normalize(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn follow_rebuilds_on_change_and_ends_with_the_source() {
+        let vip = |n| Ipv4Addr::new(127, 240, 0, n);
+        let (tx, rx) = watch::channel(Arc::new(vec![("a.example", vip(1))]));
+        let mut table = follow(rx, |v: &Vec<(&'static str, Ipv4Addr)>| {
+            DnsTable::new(v.iter().copied())
+        });
+        assert_eq!(
+            table.borrow_and_update().lookup("a.example", &[]),
+            Some(vip(1))
+        );
+        tx.send_replace(Arc::new(vec![("a.example", vip(1)), ("b.example", vip(2))]));
+        table.changed().await.unwrap();
+        assert_eq!(
+            table.borrow_and_update().lookup("b.example", &[]),
+            Some(vip(2))
+        );
+        drop(tx);
+        // The copying task ends with its source; the receiver then sees the channel closed.
+        assert!(table.changed().await.is_err());
+    }
 
     #[test]
     fn exact_case_insensitive_and_search_suffixes() {

@@ -2,8 +2,8 @@
 //! them all on SIGTERM/SIGINT.
 
 use anyhow::Context;
+use registry::config::ConfigWatcher;
 use tokio_util::sync::CancellationToken;
-use xds::config::ConfigWatcher;
 
 use crate::cli::AgentArgs;
 
@@ -15,7 +15,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut servers: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
     // Workload API + Envoy SDS on listen.workloadApi, backed by the CA in ca.stateDir.
-    let wapi = workload_api::WorkloadApiServer::start(config.clone(), shutdown.clone())
+    let agent = config.borrow().agent.clone();
+    let authority = tokio::task::spawn_blocking(move || crate::ca::open(&agent))
+        .await
+        .context("CA task panicked")??;
+    let wapi = workload_api::WorkloadApiServer::start(config.clone(), authority, shutdown.clone())
         .context("cannot start the Workload API")?;
     servers.spawn(async move { wapi.serve().await.context("Workload API server") });
 

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use xds::config::{Config, ConfigError, Loaded, ServerIdentity, load};
+use registry::config::{Config, ConfigError, Loaded, ServerIdentity, load};
 
 use crate::cli::ConfigCommand;
 

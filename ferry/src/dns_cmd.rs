@@ -6,10 +6,10 @@ use anyhow::Context;
 use dns::answer::Settings;
 use dns::metrics::Metrics;
 use dns::{DnsTable, Resolver, ResolverConfig};
+use registry::config::ConfigWatcher;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use xds::client::{AdsClient, AdsClientConfig};
-use xds::config::ConfigWatcher;
+use xds::client::{AdsClient, AdsClientConfig, XdsState};
 
 use crate::cli::DnsArgs;
 
@@ -20,11 +20,13 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
         table,
         listen: default_listen,
         upstreams: config_upstreams,
+        _watcher,
     } = match (&args.xds, &args.config) {
         (Some(url), _) => Source {
             table: from_xds(url, &stop),
-            listen: xds::config::defaults::DNS,
+            listen: registry::config::defaults::DNS,
             upstreams: Vec::new(),
+            _watcher: None,
         },
         (None, Some(path)) => from_config(path)?,
         (None, None) => anyhow::bail!("give --xds or --config"),
@@ -76,7 +78,8 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The table from ferry's ADS client: one task copies each new xDS state into it.
+/// The table from ferry's ADS client: each cluster's hostname and VIP from its `ferry`
+/// metadata. The client lives as long as `stop` is not cancelled.
 fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable>> {
     let url = if url.contains("://") {
         url.to_owned()
@@ -86,17 +89,14 @@ fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable
     let mut client_cfg = AdsClientConfig::new(url);
     client_cfg.node_id = "ferry-dns".to_owned();
     let client = AdsClient::start(client_cfg, stop.clone());
-    let mut states = client.subscribe();
-    let (tx, rx) = watch::channel(Arc::new(DnsTable::from_xds(&states.borrow_and_update())));
-    tokio::spawn(async move {
-        let _client = client;
-        while states.changed().await.is_ok() {
-            let table = DnsTable::from_xds(&states.borrow_and_update());
-            tracing::info!(names = table.len(), "federated names updated from xDS");
-            tx.send_replace(Arc::new(table));
-        }
-    });
-    rx
+    dns::follow(client.subscribe(), |state: &XdsState| {
+        DnsTable::new(
+            state
+                .services
+                .values()
+                .map(|s| (s.cluster.hostname.as_str(), s.cluster.vip)),
+        )
+    })
 }
 
 /// Where the names come from, and what a config file says about listening and upstreams.
@@ -104,6 +104,8 @@ struct Source {
     table: watch::Receiver<Arc<DnsTable>>,
     listen: std::net::SocketAddr,
     upstreams: Vec<std::net::SocketAddr>,
+    /// Keeps the config watcher (and so the table's updates) alive while serving.
+    _watcher: Option<ConfigWatcher>,
 }
 
 /// The table from the config file (hot reloaded), with the config's `listen.dns` and
@@ -111,21 +113,12 @@ struct Source {
 fn from_config(path: &std::path::Path) -> anyhow::Result<Source> {
     let watcher = ConfigWatcher::start(path)
         .with_context(|| format!("cannot start with config {}", path.display()))?;
-    let mut config = watcher.subscribe();
-    let first = config.borrow_and_update().clone();
-    tracing::info!(names = first.services.len(), "federated names loaded");
-    let (tx, rx) = watch::channel(Arc::new(DnsTable::from_config(&first)));
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        while config.changed().await.is_ok() {
-            let table = DnsTable::from_config(&config.borrow_and_update());
-            tracing::info!(names = table.len(), "federated names updated");
-            tx.send_replace(Arc::new(table));
-        }
-    });
+    let first = watcher.current();
+    let table = dns::follow(watcher.subscribe(), DnsTable::from_config);
     Ok(Source {
-        table: rx,
+        table,
         listen: first.agent.listen.dns,
         upstreams: first.agent.dns.upstreams.clone(),
+        _watcher: Some(watcher),
     })
 }

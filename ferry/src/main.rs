@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod ca;
 mod cli;
 mod config_cmd;
 mod dns_cmd;

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use registry::spiffe::SpiffeId;
 use tokio_util::sync::CancellationToken;
-use xds::spiffe::SpiffeId;
 
 fn issue(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = attest::Authority::open(
         attest::AuthorityConfig {
-            trust_domain: xds::spiffe::TrustDomain::parse("example.org").expect("td"),
+            trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
             state_dir: dir.path().to_owned(),
             root_ttl: Duration::from_secs(240 * 3600),
             ca_ttl: Duration::from_secs(24 * 3600),
@@ -56,9 +56,21 @@ fn fetch_first_message(c: &mut Criterion) {
     std::fs::write(&cfg, yaml).expect("write config");
     let shutdown = CancellationToken::new();
     let (client, _watcher) = rt.block_on(async {
-        let watcher = xds::config::ConfigWatcher::start(&cfg).expect("config");
-        let server = workload_api::WorkloadApiServer::start(watcher.subscribe(), shutdown.clone())
-            .expect("server");
+        let watcher = registry::config::ConfigWatcher::start(&cfg).expect("config");
+        let agent = watcher.current().agent.clone();
+        let settings = attest::AuthorityConfig::new(
+            agent.trust_domain.clone(),
+            agent.ca.state_dir.clone(),
+            agent.ca.ca_ttl,
+        );
+        let keys = settings.software_keys();
+        let authority = attest::Authority::open(settings, keys).expect("CA");
+        let server = workload_api::WorkloadApiServer::start(
+            watcher.subscribe(),
+            authority,
+            shutdown.clone(),
+        )
+        .expect("server");
         tokio::spawn(server.serve());
         let ep = format!("unix://{}/agent.sock", dir.path().display());
         let client = spiffe::WorkloadApiClient::connect_to(ep)

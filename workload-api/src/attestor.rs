@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use nix::unistd::{Gid, Group, Uid, User};
+use registry::config::Selector;
 use sha2::{Digest, Sha256};
-use xds::config::Selector;
 
 use crate::endpoint::PeerInfo;
 

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use attest::{Authority, X509Svid};
+use registry::config::RegistrationEntry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use xds::config::RegistrationEntry;
 
 use crate::attestor::{self, AttestError, Caller};
 use crate::endpoint::PeerInfo;

@@ -10,10 +10,10 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use registry::config::Endpoint;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tonic::transport::server::Connected;
-use xds::config::Endpoint;
 
 use crate::error::Error;
 

@@ -34,5 +34,5 @@ pub mod proto {
 }
 
 pub use error::Error;
-pub use server::{WorkloadApiServer, run};
+pub use server::WorkloadApiServer;
 pub use workload::SECURITY_HEADER;

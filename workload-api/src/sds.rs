@@ -19,11 +19,11 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use envoy_types::pb::google::protobuf::{Any, value};
 use prost::Message;
+use registry::spiffe::TrustDomain;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use xds::spiffe::TrustDomain;
 
 use crate::attestor::Caller;
 use crate::core::{Core, instant_of};

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use attest::{Authority, AuthorityConfig};
+use attest::Authority;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use registry::config::{Config, Endpoint};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use xds::config::{Config, Endpoint};
 
 use crate::core::Core;
 use crate::endpoint::{self, Listener};
@@ -27,25 +27,11 @@ pub struct WorkloadApiServer {
 }
 
 impl WorkloadApiServer {
-    /// Opens (or creates) the CA from the current config, starts CA rotation and the
-    /// snapshot task, and binds `listen.workloadApi`. Must run inside a Tokio runtime.
+    /// Starts CA rotation and the snapshot task for `authority` (opened by the caller from
+    /// its CA settings) and binds `listen.workloadApi`. Must run inside a Tokio runtime.
     pub fn start(
         config: watch::Receiver<Arc<Config>>,
-        shutdown: CancellationToken,
-    ) -> Result<Self, Error> {
-        let agent = config.borrow().agent.clone();
-        let authority = Authority::open(
-            AuthorityConfig::from_agent(&agent),
-            attest::key_store(&agent)?,
-        )?;
-        Self::with_authority(authority, config, shutdown)
-    }
-
-    /// Like [`start`](Self::start) with a CA the caller opened (benches, tests, or a TPM
-    /// key store).
-    pub fn with_authority(
         authority: Arc<Authority>,
-        config: watch::Receiver<Arc<Config>>,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         let endpoint = config.borrow().agent.listen.workload_api.clone();
@@ -101,12 +87,4 @@ impl WorkloadApiServer {
         tracing::info!(%endpoint, "Workload API stopped");
         Ok(())
     }
-}
-
-/// Runs the Workload API for `ferry agent` until `shutdown` is cancelled.
-pub async fn run(
-    config: watch::Receiver<Arc<Config>>,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    WorkloadApiServer::start(config, shutdown)?.serve().await
 }

@@ -11,10 +11,10 @@ use std::time::{Duration, SystemTime};
 use attest::{Authority, JwtBundle, X509Svid};
 use base64::Engine;
 use notify::{RecursiveMode, Watcher};
+use registry::config::{Config, RegistrationEntry, Selector};
+use registry::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use xds::config::{Config, RegistrationEntry, Selector};
-use xds::spiffe::{SpiffeId, TrustDomain};
 
 use crate::error::Error;
 

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use registry::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use xds::spiffe::SpiffeId;
 
 use crate::core::{Core, instant_of};
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -92,7 +92,7 @@ where
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-fn td_key(td: &xds::spiffe::TrustDomain) -> String {
+fn td_key(td: &registry::spiffe::TrustDomain) -> String {
     td.id_string()
 }
 

@@ -308,7 +308,7 @@ async fn registration_change_and_federated_bundle_change_are_pushed() {
     // A federated trust domain's bundle: another CA's root as PEM.
     let other = attest::Authority::open(
         attest::AuthorityConfig {
-            trust_domain: xds::spiffe::TrustDomain::parse("other.org").unwrap(),
+            trust_domain: registry::spiffe::TrustDomain::parse("other.org").unwrap(),
             state_dir: d.path().join("other-ca"),
             root_ttl: Duration::from_secs(3600),
             ca_ttl: Duration::from_secs(600),
@@ -494,9 +494,10 @@ async fn stale_socket_is_replaced_but_a_live_one_is_not() {
         0o666
     );
     // A second server on the same live socket is refused.
-    let watcher = xds::config::ConfigWatcher::start(&agent.config).unwrap();
+    let watcher = registry::config::ConfigWatcher::start(&agent.config).unwrap();
     let err = workload_api::WorkloadApiServer::start(
         watcher.subscribe(),
+        agent.authority.clone(),
         tokio_util::sync::CancellationToken::new(),
     )
     .unwrap_err();

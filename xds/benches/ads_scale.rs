@@ -19,9 +19,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use prost::Message;
+use registry::config::GatewayAddress;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use xds::config::GatewayAddress;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -57,7 +57,7 @@ fn server_main() {
     rt.block_on(async {
         let n = env_usize("SERVICES", 10_000);
         let t = Instant::now();
-        let cfg = xds::config::parse(
+        let cfg = registry::config::parse(
             &config_yaml(n),
             std::path::Path::new("bench.yaml"),
             std::path::Path::new("/"),

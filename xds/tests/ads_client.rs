@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, Gw, Ports, agent_doc, host, service_doc};
+use registry::config::GatewayAddress;
 use tokio_util::sync::CancellationToken;
 use xds::client::{AdsClient, AdsClientConfig, ConnectionState, Transport, XdsState};
-use xds::config::GatewayAddress;
 
 async fn wait_state(
     client: &AdsClient,

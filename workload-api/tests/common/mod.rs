@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use registry::config::ConfigWatcher;
 use tokio_util::sync::CancellationToken;
 use workload_api::WorkloadApiServer;
-use xds::config::ConfigWatcher;
 
 /// One registration entry for [`config_yaml`].
 pub struct Entry<'a> {
@@ -44,6 +44,15 @@ impl Agent {
             .expect("server task")
             .expect("server result");
     }
+}
+
+/// The software CA a config describes, as `ferry agent` opens it.
+pub fn open_authority(config: &registry::config::Config) -> std::sync::Arc<attest::Authority> {
+    let a = &config.agent;
+    let settings =
+        attest::AuthorityConfig::new(a.trust_domain.clone(), a.ca.state_dir.clone(), a.ca.ca_ttl);
+    let keys = settings.software_keys();
+    attest::Authority::open(settings, keys).expect("CA opens")
 }
 
 /// The uid the tests run as.
@@ -93,8 +102,12 @@ pub async fn start(dir: &Path, yaml: &str) -> Agent {
 pub async fn start_from(dir: &Path, config: &Path) -> Agent {
     let watcher = ConfigWatcher::start(config).expect("config loads");
     let shutdown = CancellationToken::new();
-    let server =
-        WorkloadApiServer::start(watcher.subscribe(), shutdown.clone()).expect("server starts");
+    let server = WorkloadApiServer::start(
+        watcher.subscribe(),
+        open_authority(&watcher.current()),
+        shutdown.clone(),
+    )
+    .expect("server starts");
     let authority = server.authority().clone();
     let task = tokio::spawn(server.serve());
     Agent {

@@ -17,8 +17,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use prost::Message;
 
-use crate::config::{GatewayAddress, TlsMode};
 use crate::resources::meta;
+use registry::config::{GatewayAddress, TlsMode};
 
 /// Why a resource from the server could not be used. The resource is rejected (NACKed)
 /// alone; the others in the same response still apply.

@@ -70,7 +70,7 @@ fn backoff_grows_exponentially_with_jitter_and_is_capped() {
 
 #[test]
 fn state_indexes_by_destination_and_name() {
-    let cfg = crate::config::parse(
+    let cfg = registry::config::parse(
         "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: s\n  namespace: demo\nspec:\n  name: s\n  namespace: demo\n  port: 8443\n  exportedTrustDomains: [client.domain]\n  tlsMode: Mtls\n  gateways:\n    - type: istio-eastwestgateway\n      port: 15443\n      ip: 10.0.0.1\n",
         std::path::Path::new("t.yaml"),
         std::path::Path::new("/"),

@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher:
 use envoy_types::pb::google::protobuf::Duration;
 
 use super::{Resource, endpoint, meta};
-use crate::config::{FederatedService, GatewayAddress, ServerIdentity, TlsMode};
+use registry::config::{FederatedService, GatewayAddress, ServerIdentity, TlsMode};
 
 /// How long Envoy (and ferry's proxy) waits for a TCP connection to a gateway.
 pub const CONNECT_TIMEOUT_SECS: i64 = 5;
@@ -102,8 +102,8 @@ struct ClusterInputs<'a> {
     vip: String,
     tls_mode: String,
     server_trust_domain: &'a str,
-    server_identity: &'a crate::config::ServerIdentity,
-    dns_gateways: Option<&'a Vec<crate::config::Gateway>>,
+    server_identity: &'a registry::config::ServerIdentity,
+    dns_gateways: Option<&'a Vec<registry::config::Gateway>>,
 }
 
 /// `ads: {}` with the v3 resource API.

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::{Resource, meta};
-use crate::config::{FederatedService, GatewayAddress, GatewayType};
+use registry::config::{FederatedService, GatewayAddress, GatewayType};
 
 /// Every gateway's load-balancing weight (the CRD has no weight field).
 pub const GATEWAY_WEIGHT: u32 = 1;

@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::Resource;
 use super::cluster::CONNECT_TIMEOUT_SECS;
 use super::endpoint::tcp_address;
-use crate::config::Config;
+use registry::config::Config;
 
 /// The outbound listener's name.
 pub const OUTBOUND_LISTENER: &str = "outbound";

@@ -26,7 +26,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use registry::config::Config;
 
 pub use cluster::cluster;
 pub use endpoint::load_assignment;
@@ -280,7 +280,7 @@ pub fn build(config: &Config, generation: u64) -> Snapshot {
 /// Builds the snapshot for `config`, reusing the resources of `prev` (built from
 /// `prev.0`) for every service that did not change, and records what changed.
 fn build_from(config: &Config, prev: Option<(&Config, &Snapshot)>, generation: u64) -> Snapshot {
-    let old: HashMap<&str, &crate::config::FederatedService> = prev
+    let old: HashMap<&str, &registry::config::FederatedService> = prev
         .map(|(c, _)| {
             c.services
                 .iter()

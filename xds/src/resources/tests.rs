@@ -16,7 +16,7 @@ use prost::Message;
 
 use super::*;
 use crate::client::{ClusterInfo, Endpoints, ServerIdMatch, Transport};
-use crate::config::{GatewayAddress, TlsMode, parse};
+use registry::config::{GatewayAddress, TlsMode, parse};
 
 const AGENT: &str = "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  outbound: 0.0.0.0:10000\n  dns: 127.0.0.1:15053\n";
 

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use registry::config::{Config, ConfigWatcher};
 use tokio_util::sync::CancellationToken;
-use xds::config::{Config, ConfigWatcher};
 use xds::resources::{Snapshot, spawn_translator};
 use xds::server::{XdsMetrics, XdsServer};
 

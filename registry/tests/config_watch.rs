@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use xds::config::ConfigWatcher;
+use registry::config::ConfigWatcher;
 
 const AGENT: &str =
     "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n";

@@ -1,0 +1,12 @@
+//! ferry's shared model, the leaf every other crate builds on: the config file (AgentConfig
+//! and the Cofide `FederatedService` objects of the `registry.cofide.io` CRD group, with
+//! validation that reports every mistake at once with its position, and a watcher that keeps
+//! a validated snapshot current), SPIFFE identity types and loopback VIP allocation.
+//!
+//! It deliberately knows nothing of xDS, gRPC or sockets: the CA, the resolver, the xDS
+//! translation and the proxy all read the same model without compiling each other.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod spiffe;
+pub mod vip;
