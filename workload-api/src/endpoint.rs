@@ -9,35 +9,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use registry::config::Endpoint;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
 use crate::error::Error;
-
-/// The kernel's word on who is at the other end of a Unix socket (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCred {
-    /// Process id at connect time.
-    pub pid: i32,
-    /// Effective user id.
-    pub uid: u32,
-    /// Effective group id.
-    pub gid: u32,
-}
-
-/// What is known about a connection's peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Unix sockets: the peer's credentials.
-    pub cred: Option<PeerCred>,
-    /// TCP: the peer's address.
-    pub remote: Option<std::net::SocketAddr>,
-    /// TCP: our address on this connection.
-    pub local: Option<std::net::SocketAddr>,
-}
+use crate::peer::unix_peer;
+pub use crate::peer::{PeerCred, PeerInfo};
 
 /// An accepted connection with its peer facts.
 #[derive(Debug)]
@@ -178,24 +157,6 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
                 source,
             })
         }
-    }
-}
-
-fn unix_peer(s: &UnixStream) -> PeerInfo {
-    let cred = match getsockopt(s, PeerCredentials) {
-        Ok(c) => Some(PeerCred {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        }),
-        Err(e) => {
-            tracing::warn!(error = %e, "SO_PEERCRED failed; the caller cannot be attested");
-            None
-        }
-    };
-    PeerInfo {
-        cred,
-        ..PeerInfo::default()
     }
 }
 

@@ -22,6 +22,7 @@ pub mod attestor;
 pub mod core;
 pub mod endpoint;
 pub mod error;
+pub mod peer;
 pub mod sds;
 pub mod server;
 pub mod state;
