@@ -4,7 +4,7 @@
 //! identities survive a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use registry::spiffe::{SpiffeId, TrustDomain};
@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::jwt::{self, JwtBundle, JwtKey, JwtSvid};
-use crate::signer::{KeyStore, Signer, SoftwareKeyStore, write_private};
+use crate::private_dir::{PrivateDir, Secrecy};
+use crate::signer::{KeyStore, Signer, SoftwareKeyStore};
 use crate::x509::{self, CaCert, CaKind, CaSigner, X509Svid};
 
 /// The state file's name inside `ca.stateDir`.
@@ -66,7 +67,7 @@ enum Status {
 }
 
 /// One generation of a rotating key: its window, status and what it signs as.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Gen<T> {
     key: String,
     status: Status,
@@ -138,20 +139,24 @@ fn next_event<T>(list: &[Gen<T>]) -> Option<SystemTime> {
         .min()
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     roots: Vec<Gen<Arc<CaSigner>>>,
     intermediates: Vec<Gen<Arc<CaSigner>>>,
     jwt: Vec<Gen<JwtKey>>,
 }
 
-/// The trust domain's certificate authority. Cheap to share (`Arc`); issuance takes a read
-/// lock only, rotation a short write lock.
+/// The trust domain's certificate authority. Cheap to share (`Arc`). Issuance takes the
+/// read lock only to clone an `Arc` and signs after releasing it; rotation prepares the next
+/// state (key generation, signing, file writes) holding no lock readers need, then takes the
+/// write lock only to swap it in.
 #[derive(Debug)]
 pub struct Authority {
     cfg: AuthorityConfig,
     keys: Arc<dyn KeyStore>,
     state: RwLock<State>,
+    /// Serialises rotations (one writer of `state`); readers never take it.
+    rotating: Mutex<()>,
     changes: watch::Sender<u64>,
 }
 
@@ -206,6 +211,7 @@ impl Authority {
             cfg,
             keys,
             state: RwLock::new(state),
+            rotating: Mutex::new(()),
             changes: watch::channel(0).0,
         });
         auth.rotate(SystemTime::now())?;
@@ -213,6 +219,16 @@ impl Authority {
             tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "created a new trust domain root CA");
         } else {
             tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "loaded CA state");
+        }
+        // Operators compare this with the fingerprint of the root they distributed.
+        for g in &auth.read().roots {
+            tracing::info!(
+                trust_domain = %auth.cfg.trust_domain,
+                sha256 = %g.v.cert.sha256_fingerprint(),
+                serial = %g.v.cert.serial,
+                status = ?g.status,
+                "root CA certificate"
+            );
         }
         Ok(auth)
     }
@@ -235,17 +251,16 @@ impl Authority {
     }
 
     fn load(cfg: &AuthorityConfig, keys: &dyn KeyStore) -> Result<State> {
-        let path = cfg.state_dir.join(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(e) => return Err(Error::io(&path, "read")(e)),
+        let dir = PrivateDir::open_or_create(&cfg.state_dir)?;
+        let path = dir.path_of(STATE_FILE);
+        let Some(text) = dir.read(STATE_FILE, Secrecy::Public)? else {
+            return Ok(State::default());
         };
         let corrupt = |reason: String| Error::CorruptState {
             path: path.clone(),
             reason,
         };
-        let p: Persisted = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let p: Persisted = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
         if p.version != 1 {
             return Err(corrupt(format!("unknown version {}", p.version)));
         }
@@ -256,11 +271,22 @@ impl Authority {
                 configured: cfg.trust_domain.to_string(),
             });
         }
-        let ca = |list: Vec<PersistedCa>| -> Result<Vec<Gen<Arc<CaSigner>>>> {
+        // A key that is not its certificate's would sign SVIDs and tokens that fail against
+        // this CA's own bundle: refuse it here, naming both files.
+        let mismatch = |what: &'static str, serial: &str, key: &str| Error::KeyMismatch {
+            what,
+            serial: serial.to_owned(),
+            key: keys.describe(key),
+            state: path.clone(),
+        };
+        let ca = |what: &'static str, list: Vec<PersistedCa>| -> Result<Vec<Gen<Arc<CaSigner>>>> {
             list.into_iter()
                 .map(|c| {
                     let cert = CaCert::from_pem(&c.cert_pem)?;
                     let signer = keys.load(&c.key)?;
+                    if cert.public_key_raw()? != signer.public_key_raw() {
+                        return Err(mismatch(what, &cert.serial, &c.key));
+                    }
                     Ok(Gen {
                         status: c.status,
                         not_before: cert.not_before,
@@ -277,10 +303,14 @@ impl Authority {
             .map(|j| {
                 let nb = UNIX_EPOCH + Duration::from_secs(j.not_before);
                 let na = UNIX_EPOCH + Duration::from_secs(j.not_after);
+                let signer = keys.load(&j.key)?;
+                if jwt::kid_for(signer.public_key_raw()) != j.kid {
+                    return Err(mismatch("JWT", &j.kid, &j.key));
+                }
                 Ok(Gen {
                     v: JwtKey {
                         kid: j.kid,
-                        signer: keys.load(&j.key)?,
+                        signer,
                         not_before: nb,
                         not_after: na,
                     },
@@ -292,8 +322,8 @@ impl Authority {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(State {
-            roots: ca(p.roots)?,
-            intermediates: ca(p.intermediates)?,
+            roots: ca("root", p.roots)?,
+            intermediates: ca("intermediate", p.intermediates)?,
             jwt,
         })
     }
@@ -325,33 +355,84 @@ impl Authority {
                 })
                 .collect(),
         };
-        let dir = &self.cfg.state_dir;
-        std::fs::create_dir_all(dir).map_err(Error::io(dir, "create state dir"))?;
         let json = serde_json::to_vec_pretty(&p).map_err(|e| Error::CorruptState {
             path: self.state_path(),
             reason: e.to_string(),
         })?;
-        write_private(&self.state_path(), &json)
+        PrivateDir::open_or_create(&self.cfg.state_dir)?.write(STATE_FILE, &json)
     }
 
     /// Applies every rotation step due at `now` (create, prepare, activate, drop expired),
     /// persists, and notifies subscribers. Returns whether anything changed.
+    ///
+    /// Blocking (key generation, signing, file writes): async callers use
+    /// `spawn_blocking`, as [`run`](Self::run) does. The next state is built on a copy while
+    /// readers keep issuing from the current one; the write lock is held only to swap it in.
     pub fn rotate(&self, now: SystemTime) -> Result<bool> {
-        let td = self.cfg.trust_domain.clone();
-        let keys = self.keys.clone();
-        let mut st = self.write();
+        let _one_writer = self.rotating.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = self.read().clone();
+        let mut created = Vec::new();
+        let planned = self
+            .prepare(&mut next, now, &mut created)
+            .and_then(|(changed, removed)| {
+                if changed {
+                    self.persist(&next)?;
+                }
+                Ok((changed, removed))
+            });
+        let (changed, removed) = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                // Keys made for a state that was never saved would be orphans.
+                for k in &created {
+                    if let Err(e) = self.keys.remove(k) {
+                        tracing::warn!(key = %k, error = %e, "cannot delete unused CA key");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if !changed {
+            return Ok(false);
+        }
+        *self.write() = next;
+        for k in &removed {
+            if let Err(e) = self.keys.remove(k) {
+                tracing::warn!(key = %k, error = %e, "cannot delete expired CA key");
+            }
+        }
+        self.changes.send_modify(|g| *g += 1);
+        Ok(true)
+    }
+
+    /// Steps every list of `st` to `now`, generating and certifying new keys as needed.
+    /// Holds no lock; names every key it generates in `created`. Returns (changed, keys of
+    /// expired generations to delete once the new state is saved).
+    fn prepare(
+        &self,
+        st: &mut State,
+        now: SystemTime,
+        created: &mut Vec<String>,
+    ) -> Result<(bool, Vec<String>)> {
+        let td = &self.cfg.trust_domain;
+        let keys = &self.keys;
         let State {
             roots,
             intermediates,
             jwt,
-        } = &mut *st;
+        } = st;
+        let mut generate = |prefix: &str| -> Result<(String, Arc<dyn Signer>)> {
+            let key = key_name(prefix);
+            let signer = keys.generate(&key)?;
+            created.push(key.clone());
+            Ok((key, signer))
+        };
 
         let root_ttl = self.cfg.root_ttl;
         let (c1, r1) = step(roots, now, |status| {
-            let key = key_name("root");
-            let signer = keys.generate(&key)?;
-            let cert = x509::build_ca(CaKind::Root, &td, &signer, None, now, root_ttl)?;
-            tracing::info!(serial = %cert.serial, ?status, "new root CA (published in the bundle before it signs)");
+            let (key, signer) = generate("root")?;
+            let cert = x509::build_ca(CaKind::Root, td, &signer, None, now, root_ttl)?;
+            tracing::info!(serial = %cert.serial, sha256 = %cert.sha256_fingerprint(), ?status, "new root CA (published in the bundle before it signs)");
             new_ca_gen(key, status, cert, signer)
         })?;
         let active_root = roots
@@ -361,11 +442,10 @@ impl Authority {
             .ok_or(Error::NoAuthority { what: "root" })?;
         let ca_ttl = self.cfg.ca_ttl;
         let (c2, r2) = step(intermediates, now, |status| {
-            let key = key_name("int");
-            let signer = keys.generate(&key)?;
+            let (key, signer) = generate("int")?;
             let cert = x509::build_ca(
                 CaKind::Intermediate,
-                &td,
+                td,
                 &signer,
                 Some(&active_root),
                 now,
@@ -375,8 +455,7 @@ impl Authority {
             new_ca_gen(key, status, cert, signer)
         })?;
         let (c3, r3) = step(jwt, now, |status| {
-            let key = key_name("jwt");
-            let signer = keys.generate(&key)?;
+            let (key, signer) = generate("jwt")?;
             let kid = jwt::kid_for(signer.public_key_raw());
             let (nb, na) = (now, now + ca_ttl);
             tracing::info!(%kid, ?status, "new JWT signing key");
@@ -393,18 +472,8 @@ impl Authority {
                 },
             })
         })?;
-        let changed = c1 || c2 || c3;
-        if changed {
-            self.persist(&st)?;
-            drop(st);
-            for k in r1.iter().chain(&r2).chain(&r3) {
-                if let Err(e) = self.keys.remove(k) {
-                    tracing::warn!(key = %k, error = %e, "cannot delete expired CA key");
-                }
-            }
-            self.changes.send_modify(|g| *g += 1);
-        }
-        Ok(changed)
+        let removed = r1.into_iter().chain(r2).chain(r3).collect();
+        Ok((c1 || c2 || c3, removed))
     }
 
     /// When [`rotate`](Self::rotate) next has something to do.
@@ -433,8 +502,22 @@ impl Authority {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            if let Err(e) = self.rotate(SystemTime::now()) {
-                tracing::error!(error = %e, "CA rotation failed; retrying in 5s");
+            // Key generation, signing (tens of ms per signature on a TPM) and file writes
+            // block: keep them off the async workers.
+            let me = Arc::clone(&self);
+            let failed =
+                match tokio::task::spawn_blocking(move || me.rotate(SystemTime::now())).await {
+                    Ok(Ok(_)) => false,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "CA rotation failed; retrying in 5s");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "CA rotation task died; retrying in 5s");
+                        true
+                    }
+                };
+            if failed {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}

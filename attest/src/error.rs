@@ -71,9 +71,86 @@ pub enum Error {
         /// `X.509` or `JWT`.
         what: &'static str,
     },
+    /// A directory or file under `ca.stateDir` could have been planted, swapped or read by
+    /// another local user, so the CA refuses to trust (or write) it.
+    #[error("CA state {}: {problem} ({})", path.display(), problem.hint())]
+    InsecureState {
+        /// The offending directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: Insecure,
+    },
+    /// A stored CA key is not the key of its certificate: everything it signed would fail to
+    /// verify against this CA's own bundle.
+    #[error("CA key {key} does not match the public key of the {what} certificate (serial {serial}) in {} (restore the key file that belongs to this certificate, or move ca.stateDir away to start a new root; clients will then need the new bundle)", state.display())]
+    KeyMismatch {
+        /// Which certificate (`root`, `intermediate`, `JWT`).
+        what: &'static str,
+        /// The certificate's serial (for JWT keys: the stored `kid`).
+        serial: String,
+        /// Where the key lives (the key file for the software store).
+        key: String,
+        /// The state file naming the certificate.
+        state: PathBuf,
+    },
     /// A JWT-SVID could not be issued or failed validation.
     #[error("JWT-SVID {0}")]
     Jwt(#[from] JwtError),
+}
+
+/// Why a path under `ca.stateDir` is not trusted. Each names one check of
+/// [`Error::InsecureState`] and comes with what the operator can do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Insecure {
+    /// Not owned by the effective uid the agent runs as: another user made it (and may
+    /// hold or have swapped its keys).
+    #[error("owned by uid {owner}, expected {expected}")]
+    WrongOwner {
+        /// The owner found.
+        owner: u32,
+        /// The agent's effective uid.
+        expected: u32,
+    },
+    /// Group or others may write it, so they could plant or replace files.
+    #[error("mode {mode:04o} lets group or others write it")]
+    WritableByOthers {
+        /// The permission bits found.
+        mode: u32,
+    },
+    /// A private key that group or others may read.
+    #[error("mode {mode:04o} lets group or others read this private key")]
+    ReadableByOthers {
+        /// The permission bits found.
+        mode: u32,
+    },
+    /// A symbolic link, which the CA never follows inside its state.
+    #[error("is a symbolic link")]
+    Symlink,
+    /// Neither a directory nor a regular file where one was expected.
+    #[error("is not a {expected}")]
+    WrongType {
+        /// `directory` or `regular file`.
+        expected: &'static str,
+    },
+}
+
+impl Insecure {
+    /// What the operator can do about it (printed with the error).
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Insecure::WrongOwner { .. } => {
+                "chown it to the user ferry runs as or choose another ca.stateDir; a CA another user created may have keys that user knows"
+            }
+            Insecure::WritableByOthers { .. } => "chmod go-w it or choose another ca.stateDir",
+            Insecure::ReadableByOthers { .. } => {
+                "chmod 600 it; if others may have read it, move ca.stateDir away to start a new root"
+            }
+            Insecure::Symlink => {
+                "ferry follows no symlinks in its CA state: point ca.stateDir at the real directory and remove the link"
+            }
+            Insecure::WrongType { .. } => "remove it or choose another ca.stateDir",
+        }
+    }
 }
 
 /// Why a JWT-SVID was rejected (each is a distinct, matchable reason).
@@ -122,6 +199,34 @@ pub enum JwtError {
     /// Issuance was asked without any audience.
     #[error("needs at least one audience")]
     NoAudience,
+    /// The header's `crit` lists extensions that must be understood; ferry understands none,
+    /// so RFC 7515 §4.1.11 makes the token invalid.
+    #[error("marks header parameters {0:?} as critical (crit), which ferry does not understand")]
+    CriticalHeader(Vec<String>),
+    /// `nbf` is later than now plus the clock leeway.
+    #[error(
+        "is not valid before {not_before} (now {now}, leeway {leeway_secs} s; check the issuer's clock)"
+    )]
+    NotYetValid {
+        /// The token's `nbf`, Unix seconds.
+        not_before: u64,
+        /// The validator's clock, Unix seconds.
+        now: u64,
+        /// The tolerated skew.
+        leeway_secs: u64,
+    },
+    /// `iat` is later than now plus the clock leeway: the issuer's clock or the token is wrong.
+    #[error(
+        "was issued in the future at {issued_at} (now {now}, leeway {leeway_secs} s; check the issuer's clock)"
+    )]
+    IssuedInFuture {
+        /// The token's `iat`, Unix seconds.
+        issued_at: u64,
+        /// The validator's clock, Unix seconds.
+        now: u64,
+        /// The tolerated skew.
+        leeway_secs: u64,
+    },
 }
 
 impl Error {

@@ -8,17 +8,20 @@
 //! - [`jwt`]: ES256 JWT-SVIDs and JWKS bundles.
 //! - [`ca`]: the [`Authority`]: root + intermediate + JWT keys, SPIRE-style rotation,
 //!   persistence under `ca.stateDir`.
+//! - `private_dir`: how every file under `ca.stateDir` is read and written so that another
+//!   local user can neither plant, redirect nor read it.
 
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod error;
 pub mod jwt;
+mod private_dir;
 pub mod signer;
 pub mod x509;
 
 pub use ca::{Authority, AuthorityConfig};
-pub use error::{Error, JwtError, Result};
+pub use error::{Error, Insecure, JwtError, Result};
 pub use jwt::{Claims, JwtBundle, JwtSvid};
 pub use signer::{KeyStore, Signer, SoftwareKeyStore, SoftwareSigner};
 pub use x509::{CaCert, X509Svid, check_svid_profile, verify_chain};

@@ -3,15 +3,13 @@
 //! change to how certificates or JWTs are built.
 
 use std::fmt;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SignatureAlgorithm, SigningKey};
 
 use crate::error::{Error, Result};
+use crate::private_dir::{PrivateDir, Secrecy};
 
 /// A private key that can sign, wherever it lives. ECDSA signers return ASN.1 DER
 /// signatures (the X.509 encoding); JWT code converts them to the fixed JOSE form.
@@ -33,6 +31,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     fn load(&self, name: &str) -> Result<Arc<dyn Signer>>;
     /// Deletes the key stored under `name` (used once its certificate has expired).
     fn remove(&self, name: &str) -> Result<()>;
+    /// Where the key `name` lives, for error messages that must tell an operator which file
+    /// (or TPM handle) to look at.
+    fn describe(&self, name: &str) -> String {
+        name.to_owned()
+    }
 }
 
 /// An in-memory ECDSA key (ring, through rcgen): the default CA backend and the form of
@@ -111,7 +114,9 @@ impl SigningKey for RcgenKey {
     }
 }
 
-/// Keys as PEM files `<dir>/<name>.key.pem`, mode 0600, in a 0700 directory.
+/// Keys as PEM files `<dir>/<name>.key.pem`, mode 0600, in a 0700 directory. Both are
+/// checked on every use (owner, mode, no symlinks: the `private_dir` module) so that a key
+/// another local user planted or can read is never used.
 #[derive(Debug, Clone)]
 pub struct SoftwareKeyStore {
     dir: PathBuf,
@@ -134,22 +139,39 @@ impl SoftwareKeyStore {
     }
 }
 
+impl SoftwareKeyStore {
+    fn file_name(&self, name: &str) -> Result<String> {
+        let path = self.path(name)?;
+        Ok(path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default())
+    }
+}
+
 impl KeyStore for SoftwareKeyStore {
     fn generate(&self, name: &str) -> Result<Arc<dyn Signer>> {
-        let path = self.path(name)?;
+        let file = self.file_name(name)?;
+        let dir = PrivateDir::open_or_create(&self.dir)?;
         let signer = SoftwareSigner::generate()?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(Error::io(&self.dir, "create key directory"))?;
-        write_private(&path, signer.to_pem().as_bytes())?;
+        dir.write(&file, signer.to_pem().as_bytes())?;
         Ok(Arc::new(signer))
     }
 
     fn load(&self, name: &str) -> Result<Arc<dyn Signer>> {
-        let path = self.path(name)?;
-        let pem = fs::read_to_string(&path).map_err(Error::io(&path, "read key"))?;
+        let file = self.file_name(name)?;
+        let dir = PrivateDir::open_or_create(&self.dir)?;
+        let path = dir.path_of(&file);
+        let pem = dir
+            .read(&file, Secrecy::Secret)?
+            .ok_or_else(|| Error::CorruptState {
+                path: path.clone(),
+                reason: "the key file named by the CA state is missing".into(),
+            })?;
+        let pem = String::from_utf8(pem).map_err(|_| Error::CorruptState {
+            path: path.clone(),
+            reason: "not a UTF-8 PEM file".into(),
+        })?;
         let signer = SoftwareSigner::from_pem(&pem).map_err(|e| Error::CorruptState {
             path: path.clone(),
             reason: e.to_string(),
@@ -158,28 +180,13 @@ impl KeyStore for SoftwareKeyStore {
     }
 
     fn remove(&self, name: &str) -> Result<()> {
-        let path = self.path(name)?;
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&path, "remove key")(e)),
-        }
+        let file = self.file_name(name)?;
+        PrivateDir::open_or_create(&self.dir)?.remove(&file)
     }
-}
 
-/// Writes `data` to `path` atomically (temp file + rename) with mode 0600 from the start,
-/// so a secret is never readable by others, not even for a moment.
-pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(Error::io(&tmp, "create"))?;
-    f.write_all(data).map_err(Error::io(&tmp, "write"))?;
-    f.sync_all().map_err(Error::io(&tmp, "sync"))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(Error::io(path, "rename into place"))
+    fn describe(&self, name: &str) -> String {
+        self.path(name)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| name.to_owned())
+    }
 }

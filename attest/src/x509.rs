@@ -10,6 +10,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use registry::spiffe::{SpiffeId, TrustDomain};
+use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::error::{Error, Result};
@@ -50,6 +51,22 @@ impl CaCert {
     /// The certificate as PEM.
     pub fn pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.der)
+    }
+
+    /// The certificate's public key as raw bytes (for EC keys the SEC1 point, the form
+    /// [`Signer::public_key_raw`] returns), so a loaded key can be checked against it.
+    pub fn public_key_raw(&self) -> Result<Vec<u8>> {
+        let cert = parse(&self.der, "CA")?;
+        Ok(cert.public_key().subject_public_key.data.to_vec())
+    }
+
+    /// SHA-256 of the DER, lowercase hex: what operators compare out of band to know which
+    /// root they trust (`openssl x509 -outform der | sha256sum`).
+    pub fn sha256_fingerprint(&self) -> String {
+        Sha256::digest(&self.der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Parses PEM holding exactly this kind of certificate.
