@@ -10,6 +10,7 @@ use crate::cli::AgentArgs;
 /// Runs until a signal arrives or a server fails.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let watcher = ConfigWatcher::start(&args.config)
+        .await
         .with_context(|| format!("cannot start with config {}", args.config.display()))?;
     let config = watcher.subscribe();
     let shutdown = CancellationToken::new();

@@ -28,7 +28,7 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
             upstreams: Vec::new(),
             _watcher: None,
         },
-        (None, Some(path)) => from_config(path)?,
+        (None, Some(path)) => from_config(path).await?,
         (None, None) => anyhow::bail!("give --xds or --config"),
     };
 
@@ -110,8 +110,9 @@ struct Source {
 
 /// The table from the config file (hot reloaded), with the config's `listen.dns` and
 /// `dns.upstreams`.
-fn from_config(path: &std::path::Path) -> anyhow::Result<Source> {
+async fn from_config(path: &std::path::Path) -> anyhow::Result<Source> {
     let watcher = ConfigWatcher::start(path)
+        .await
         .with_context(|| format!("cannot start with config {}", path.display()))?;
     let first = watcher.current();
     let table = dns::follow(watcher.subscribe(), DnsTable::from_config);

@@ -7,6 +7,8 @@
 //! translation and the proxy all read the same model without compiling each other.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod config;
+pub mod file_watch;
 pub mod spiffe;
 pub mod vip;

@@ -19,7 +19,7 @@ async fn reloads_good_edits_and_keeps_last_good_on_bad_ones() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ferry.yaml");
     std::fs::write(&path, format!("{AGENT}{}", service("a"))).unwrap();
-    let w = ConfigWatcher::start(&path).unwrap();
+    let w = ConfigWatcher::start(&path).await.unwrap();
     let mut rx = w.subscribe();
     let first = w.current();
     assert_eq!(first.services.len(), 1);
@@ -63,9 +63,63 @@ async fn invalid_initial_config_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ferry.yaml");
     std::fs::write(&path, "kind: AgentConfig\n").unwrap();
-    let err = ConfigWatcher::start(&path).err().unwrap().to_string();
+    let err = ConfigWatcher::start(&path).await.err().unwrap().to_string();
     assert!(
         err.contains("trustDomain: required field is missing"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn restart_only_settings_are_refused_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    std::fs::write(&path, format!("{AGENT}{}", service("a"))).unwrap();
+    let w = ConfigWatcher::start(&path).await.unwrap();
+    let mut rx = w.subscribe();
+    let first = w.current();
+
+    // A new trust domain (with a service added, so the edit is otherwise a real change):
+    // refused as a whole, the last good config keeps serving.
+    let moved = AGENT.replace("client.domain", "other.domain");
+    std::fs::write(&path, format!("{moved}{}{}", service("a"), service("b"))).unwrap();
+    let changed = tokio::time::timeout(Duration::from_millis(800), rx.changed()).await;
+    assert!(changed.is_err(), "a trustDomain change must not be applied");
+    assert_eq!(*w.current(), *first);
+
+    // So is a listener or CA change.
+    for extra in ["listen:\n  xds: 127.0.0.1:18999\n", "ca:\n  caTtl: 48h\n"] {
+        std::fs::write(&path, format!("{AGENT}{extra}{}", service("a"))).unwrap();
+        let changed = tokio::time::timeout(Duration::from_millis(800), rx.changed()).await;
+        assert!(changed.is_err(), "{extra:?} must need a restart");
+    }
+
+    // A hot-reloadable edit still goes through.
+    std::fs::write(&path, format!("{AGENT}{}{}", service("a"), service("b"))).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rx.borrow_and_update().services.len(), 2);
+}
+
+#[test]
+fn restart_only_changes_are_named() {
+    use registry::config::{parse, restart_only_changes};
+    let load = |s: &str| {
+        parse(s, std::path::Path::new("f.yaml"), std::path::Path::new("."))
+            .unwrap()
+            .config
+            .agent
+    };
+    let a = load(AGENT);
+    let b = load(&format!(
+        "{}listen:\n  dns: 127.0.0.1:5353\nca:\n  svidTtl: 2h\n",
+        AGENT.replace("client.domain", "x.domain")
+    ));
+    assert_eq!(
+        restart_only_changes(&a, &b),
+        ["trustDomain", "listen.dns", "ca"]
+    );
+    assert!(restart_only_changes(&a, &a).is_empty());
 }

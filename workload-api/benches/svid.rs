@@ -56,7 +56,9 @@ fn fetch_first_message(c: &mut Criterion) {
     std::fs::write(&cfg, yaml).expect("write config");
     let shutdown = CancellationToken::new();
     let (client, _watcher) = rt.block_on(async {
-        let watcher = registry::config::ConfigWatcher::start(&cfg).expect("config");
+        let watcher = registry::config::ConfigWatcher::start(&cfg)
+            .await
+            .expect("config");
         let agent = watcher.current().agent.clone();
         let settings = attest::AuthorityConfig::new(
             agent.trust_domain.clone(),

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use attest::{Authority, JwtBundle, X509Svid};
 use base64::Engine;
 use notify::{RecursiveMode, Watcher};
+use registry::bundle::BundleFormat;
 use registry::config::{Config, RegistrationEntry, Selector};
 use registry::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
@@ -108,16 +109,18 @@ pub fn load_bundle(td: &TrustDomain, path: &std::path::Path) -> Result<Bundle, E
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8_lossy(&bytes);
-    if text.contains("-----BEGIN CERTIFICATE-----") {
-        let x509 = attest::x509::pem_decode_all(&text, "CERTIFICATE");
+    if registry::bundle::detect(&bytes).map_err(|e| err(e.to_string()))? == BundleFormat::Pem {
+        let x509 = attest::x509::pem_decode_all(&String::from_utf8_lossy(&bytes), "CERTIFICATE");
+        if x509.is_empty() {
+            return Err(err("no parseable CERTIFICATE block".to_owned()));
+        }
         return Ok(Bundle {
             x509,
             jwt: JwtBundle::default(),
         });
     }
     let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| err(format!("neither PEM nor JSON: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let mut x509 = Vec::new();
     for k in v
         .get("keys")

@@ -494,7 +494,9 @@ async fn stale_socket_is_replaced_but_a_live_one_is_not() {
         0o666
     );
     // A second server on the same live socket is refused.
-    let watcher = registry::config::ConfigWatcher::start(&agent.config).unwrap();
+    let watcher = registry::config::ConfigWatcher::start(&agent.config)
+        .await
+        .unwrap();
     let err = workload_api::WorkloadApiServer::start(
         watcher.subscribe(),
         agent.authority.clone(),

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use model::*;
 pub use positions::Position;
-pub use watch::{ConfigWatcher, WatchError};
+pub use watch::{ConfigWatcher, WatchError, restart_only_changes};
 
 /// One problem found in a config file, located precisely.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -295,6 +295,23 @@ pub enum TlsMode {
     IstioMtls,
 }
 
+/// The CRD spells `tlsMode` exactly `Mtls` or `IstioMtls`; the error says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be Mtls or IstioMtls, got {0:?}")]
+pub struct TlsModeError(pub String);
+
+impl std::str::FromStr for TlsMode {
+    type Err = TlsModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "Mtls" => Ok(TlsMode::Mtls),
+            "IstioMtls" => Ok(TlsMode::IstioMtls),
+            other => Err(TlsModeError(other.to_owned())),
+        }
+    }
+}
+
 impl fmt::Display for TlsMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -467,8 +467,14 @@ fn all_errors_reported_at_once_in_file_order() {
     let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["trustDomain", "registrationEntries[0].selectors[0]"],
-        "agent errors stop service checks that need the trust domain: {errs:#?}"
+        [
+            "trustDomain",
+            "registrationEntries[0].selectors[0]",
+            "spec.port",
+            "spec.tlsMode",
+            "spec.gateways[0]"
+        ],
+        "an invalid AgentConfig still lets the services be checked: {errs:#?}"
     );
     let src = format!("{AGENT}{}", svc(&spec));
     let errs = parse_str(&src).unwrap_err();
@@ -480,6 +486,14 @@ fn all_errors_reported_at_once_in_file_order() {
     );
     let lines: Vec<_> = errs.iter().map(|e| e.position.line).collect();
     assert!(lines.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[test]
+fn bad_vip_range_still_checks_dns_upstreams() {
+    let src = format!("{AGENT}vipRange: banana\ndns:\n  upstreams: [not-an-ip]\n");
+    let errs = parse_str(&src).unwrap_err();
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["vipRange", "dns.upstreams[0]"], "{errs:#?}");
 }
 
 #[test]

@@ -205,11 +205,22 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
         }
     };
 
+    // Services are checked even when the AgentConfig is invalid, so that every mistake is
+    // reported at once; without a valid own trust domain, a placeholder stands in for
+    // hostnames of services that do not name their server's trust domain (the result is
+    // an error either way, so the placeholder never escapes).
+    let placeholder = TrustDomain::parse("agent-config-invalid.invalid").ok();
+    let scope = match &agent {
+        Some(a) => Some((&a.trust_domain, a.vip_range)),
+        None => placeholder
+            .as_ref()
+            .zip(defaults::VIP_RANGE.parse::<Ipv4Net>().ok()),
+    };
     let mut built = Vec::new();
-    if let Some(agent) = &agent {
+    if let Some((own, vip_range)) = scope {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for (i, raw) in &services {
-            if let Some(svc) = federated_service(&mut cx, *i, raw, &agent.trust_domain) {
+            if let Some(svc) = federated_service(&mut cx, *i, raw, own) {
                 if let Some(first) = seen.get(&svc.hostname) {
                     let line = cx
                         .docs
@@ -230,7 +241,7 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
                 built.push(svc);
             }
         }
-        match vip::allocate(agent.vip_range, built.iter().map(|s| s.hostname.as_str())) {
+        match vip::allocate(vip_range, built.iter().map(|s| s.hostname.as_str())) {
             Ok(vips) => {
                 for s in &mut built {
                     if let Some(v) = vips.get(&s.hostname) {
@@ -451,7 +462,8 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
                     raw.vip_range
                 ),
             );
-            return None;
+            // Keep checking the rest of the document against the default range.
+            defaults::VIP_RANGE.parse::<Ipv4Net>().ok()?
         }
     };
 
@@ -489,18 +501,11 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
 
 /// A bundle file must be readable and hold PEM certificates or a SPIFFE bundle (JWKS).
 fn check_bundle_file(file: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(file)
+    let bytes = std::fs::read(file)
         .map_err(|e| format!("cannot read bundle file {}: {e}", file.display()))?;
-    if text.contains("-----BEGIN CERTIFICATE-----") {
-        return Ok(());
-    }
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) if v.get("keys").is_some_and(|k| k.is_array()) => Ok(()),
-        _ => Err(format!(
-            "bundle file {} holds neither PEM certificates nor a SPIFFE bundle (JWKS with \"keys\")",
-            file.display()
-        )),
-    }
+    crate::bundle::detect(&bytes)
+        .map(|_| ())
+        .map_err(|e| format!("bundle file {} {e}", file.display()))
 }
 
 fn federated_service(
@@ -514,19 +519,15 @@ fn federated_service(
     let name = dns_label(cx, i, "spec.name", spec.name.as_deref());
     let namespace = dns_label(cx, i, "spec.namespace", spec.namespace.as_deref());
     let port = cx.port(i, "spec.port", spec.port);
-    let tls_mode = match cx.required(i, "spec.tlsMode", spec.tls_mode.as_deref()) {
-        Some("Mtls") => Some(TlsMode::Mtls),
-        Some("IstioMtls") => Some(TlsMode::IstioMtls),
-        Some(other) => {
-            cx.err(
-                i,
-                "spec.tlsMode",
-                format!("must be Mtls or IstioMtls, got {other:?}"),
-            );
-            None
-        }
-        None => None,
-    };
+    let tls_mode = cx
+        .required(i, "spec.tlsMode", spec.tls_mode.as_deref())
+        .and_then(|m| match m.parse::<TlsMode>() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                cx.err(i, "spec.tlsMode", e.to_string());
+                None
+            }
+        });
 
     let annotation_path = format!("metadata.annotations.{TRUST_DOMAIN_ANNOTATION}");
     let server_trust_domain = match raw.metadata.annotations.get(TRUST_DOMAIN_ANNOTATION) {

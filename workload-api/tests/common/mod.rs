@@ -100,7 +100,7 @@ pub async fn start(dir: &Path, yaml: &str) -> Agent {
 
 /// Starts a server from an existing config file in `dir`.
 pub async fn start_from(dir: &Path, config: &Path) -> Agent {
-    let watcher = ConfigWatcher::start(config).expect("config loads");
+    let watcher = ConfigWatcher::start(config).await.expect("config loads");
     let shutdown = CancellationToken::new();
     let server = WorkloadApiServer::start(
         watcher.subscribe(),

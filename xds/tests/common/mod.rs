@@ -102,7 +102,7 @@ impl Agent {
         let dir = testkit::tempdir().expect("tempdir");
         let path = dir.path().join("ferry.yaml");
         std::fs::write(&path, yaml).expect("write config");
-        let watcher = ConfigWatcher::start(&path).expect("config loads");
+        let watcher = ConfigWatcher::start(&path).await.expect("config loads");
         let config = watcher.subscribe();
         let (snapshots, _task) = spawn_translator(config.clone());
         let shutdown = CancellationToken::new();
