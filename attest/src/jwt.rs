@@ -20,6 +20,11 @@ use crate::signer::Signer;
 /// The JWK `use` value SPIFFE bundles give JWT signing keys.
 pub const USE_JWT_SVID: &str = "jwt-svid";
 
+/// Clock skew tolerated for `nbf` and `iat` in the future: go-jose's `jwt.DefaultLeeway`
+/// (one minute), which SPIRE's JWT-SVID validation uses, so ferry and SPIRE agree on which
+/// tokens are valid yet.
+pub const CLOCK_LEEWAY: Duration = Duration::from_secs(60);
+
 /// A JWT signing key with the window in which it is published.
 #[derive(Debug, Clone)]
 pub struct JwtKey {
@@ -76,21 +81,26 @@ pub(crate) fn sign(
         "exp": unix(exp),
         "iat": unix(now),
     });
+    Ok(JwtSvid {
+        spiffe_id: sub.clone(),
+        token: sign_compact(key.signer.as_ref(), &header, &claims)?,
+        expiry: UNIX_EPOCH + Duration::from_secs(unix(exp)),
+    })
+}
+
+/// Signs `header` and `claims` as a compact ES256 JWS (tests use it to forge odd tokens).
+pub(crate) fn sign_compact(signer: &dyn Signer, header: &Value, claims: &Value) -> Result<String> {
     let signing_input = format!(
         "{}.{}",
         B64.encode(header.to_string()),
         B64.encode(claims.to_string())
     );
-    let der = key.signer.sign(signing_input.as_bytes())?;
+    let der = signer.sign(signing_input.as_bytes())?;
     let sig = Signature::from_der(&der).map_err(|e| Error::Key {
         op: "sign",
         reason: format!("signer returned a bad ECDSA signature: {e}"),
     })?;
-    Ok(JwtSvid {
-        spiffe_id: sub.clone(),
-        token: format!("{signing_input}.{}", B64.encode(sig.to_bytes())),
-        expiry: UNIX_EPOCH + Duration::from_secs(unix(exp)),
-    })
+    Ok(format!("{signing_input}.{}", B64.encode(sig.to_bytes())))
 }
 
 /// The JWT signing keys of one trust domain, by `kid` (SEC1 uncompressed P-256 points).
@@ -189,8 +199,25 @@ fn part(token_part: &str, what: &str) -> std::result::Result<Vec<u8>, JwtError> 
         .map_err(|_| JwtError::Malformed(format!("{what} is not base64url")))
 }
 
-/// Validates a JWT-SVID: ES256 signature by a key (found by `kid`) of the bundle of the
-/// `sub`'s trust domain, not expired at `now`, and `audience` among its `aud`.
+/// A NumericDate claim (RFC 7519 §2: seconds, possibly fractional), if present.
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> std::result::Result<Option<f64>, JwtError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|t| t.is_finite())
+            .map(Some)
+            .ok_or(JwtError::BadClaim(name)),
+    }
+}
+
+/// Validates a JWT-SVID: no `crit` header (RFC 7515 §4.1.11: ferry understands no
+/// extension), ES256 signature by a key (found by `kid`) of the bundle of the `sub`'s trust
+/// domain, not expired at `now`, `nbf` and `iat` (when present) no later than `now` plus
+/// [`CLOCK_LEEWAY`], and `audience` among its `aud`.
 pub fn validate(
     token: &str,
     audience: &str,
@@ -216,6 +243,19 @@ pub fn validate(
                 other.unwrap_or("").to_owned(),
             ));
         }
+    }
+    // RFC 7515 §4.1.11: a recipient that does not understand every extension listed in
+    // `crit` MUST reject the JWS. ferry understands none, so any `crit` is fatal.
+    if let Some(crit) = header.get("crit") {
+        let names = crit
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| JwtError::Malformed("crit is not an array of names".into()))?;
+        return Err(JwtError::CriticalHeader(names));
     }
     if let Some(typ) = header.get("typ") {
         match typ.as_str() {
@@ -253,6 +293,25 @@ pub fn validate(
     if exp <= unix(now) {
         return Err(JwtError::Expired);
     }
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let latest = now_secs + CLOCK_LEEWAY.as_secs_f64();
+    if let Some(nbf) = numeric_date(&claims, "nbf")?.filter(|&t| t > latest) {
+        return Err(JwtError::NotYetValid {
+            not_before: nbf as u64,
+            now: unix(now),
+            leeway_secs: CLOCK_LEEWAY.as_secs(),
+        });
+    }
+    if let Some(iat) = numeric_date(&claims, "iat")?.filter(|&t| t > latest) {
+        return Err(JwtError::IssuedInFuture {
+            issued_at: iat as u64,
+            now: unix(now),
+            leeway_secs: CLOCK_LEEWAY.as_secs(),
+        });
+    }
     let aud: Vec<String> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
         Some(Value::Array(a)) => a
@@ -278,3 +337,7 @@ pub fn validate(
         all: claims,
     })
 }
+
+#[cfg(test)]
+#[path = "jwt_tests.rs"]
+mod tests;
