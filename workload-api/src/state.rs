@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use attest::{Authority, JwtBundle, X509Svid};
 use base64::Engine;
-use notify::{RecursiveMode, Watcher};
 use registry::bundle::BundleFormat;
 use registry::config::{Config, RegistrationEntry, Selector};
+use registry::file_watch::FileWatch;
 use registry::spiffe::{SpiffeId, TrustDomain};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -68,7 +68,11 @@ impl Snapshot {
     }
 }
 
-fn build(config: &Config, authority: &Authority) -> Snapshot {
+/// Builds the snapshot for `config`. A federated bundle that cannot be read or parsed now
+/// (a transient `EMFILE`, a half-written file) keeps its value from `prev`: a trust domain
+/// is never dropped, nor flapped, by a failed read; it only disappears when the config
+/// stops naming it. Blocking (reads files): runs on the blocking pool.
+fn build(config: &Config, authority: &Authority, prev: Option<&Snapshot>) -> Snapshot {
     let agent = &config.agent;
     let mut federated = BTreeMap::new();
     for (td, src) in &agent.trust_bundles {
@@ -79,7 +83,13 @@ fn build(config: &Config, authority: &Authority) -> Snapshot {
             Ok(b) => {
                 federated.insert(td.clone(), b);
             }
-            Err(e) => tracing::warn!(error = %e, "federated bundle not loaded; keeping it out"),
+            Err(e) => match prev.and_then(|p| p.federated.get(td)) {
+                Some(last) => {
+                    tracing::warn!(error = %e, "federated bundle unreadable; keeping its last good value");
+                    federated.insert(td.clone(), last.clone());
+                }
+                None => tracing::warn!(error = %e, "federated bundle not loaded; keeping it out"),
+            },
         }
     }
     Snapshot {
@@ -149,34 +159,43 @@ pub fn load_bundle(td: &TrustDomain, path: &std::path::Path) -> Result<Bundle, E
 }
 
 /// Starts the task that keeps the snapshot current: it rebuilds on a config change, a CA
-/// change (rotation) or a write to any federated bundle file.
+/// change (rotation) or a change of content of any federated bundle file (a reader's open
+/// is not a change: see [`FileWatch`]). File reads run on the blocking pool.
 pub fn start(
     mut config: watch::Receiver<Arc<Config>>,
     authority: Arc<Authority>,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Arc<Snapshot>> {
-    let first = build(&config.borrow_and_update(), &authority);
+    let first = build(&config.borrow_and_update(), &authority, None);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut ca = authority.subscribe();
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
-        let mut watched: Vec<PathBuf> = Vec::new();
-        let mut watcher: Option<notify::RecommendedWatcher> = None;
+        let mut files: Option<FileWatch> = None;
         loop {
             let cfg = config.borrow_and_update().clone();
-            let mut dirs: Vec<PathBuf> = cfg
-                .agent
-                .trust_bundles
-                .values()
-                .filter_map(|b| b.file.parent().map(PathBuf::from))
-                .collect();
-            dirs.sort();
-            dirs.dedup();
-            if dirs != watched {
-                watcher = watch_dirs(&dirs, ev_tx.clone());
-                watched = dirs;
-            }
-            let snap = build(&cfg, &authority);
+            let prev = tx.borrow().clone();
+            let watching: Vec<PathBuf> = files
+                .as_ref()
+                .map(|f| f.files().map(PathBuf::from).collect())
+                .unwrap_or_default();
+            let (auth, old) = (authority.clone(), files.take());
+            let Ok((snap, watch)) = tokio::task::spawn_blocking(move || {
+                // Watch first, then read: an edit between the two is still seen.
+                let wanted = bundle_files(&cfg);
+                let watch = if wanted == watching {
+                    old
+                } else {
+                    FileWatch::new(wanted)
+                        .inspect_err(|e| tracing::warn!(error = %e, "cannot watch trust bundle files; changes need a config reload"))
+                        .ok()
+                };
+                (build(&cfg, &auth, Some(&prev)), watch)
+            })
+            .await
+            else {
+                break;
+            };
+            files = watch;
             tx.send_if_modified(|cur| {
                 if **cur == snap {
                     false
@@ -185,46 +204,35 @@ pub fn start(
                     true
                 }
             });
+            let bundle_change = async {
+                match files.as_mut() {
+                    Some(f) => f.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = config.changed() => if r.is_err() { break },
                 r = ca.changed() => if r.is_err() { break },
-                Some(()) = ev_rx.recv() => {
-                    // Editors write in bursts: let it settle, then take it all as one change.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    while ev_rx.try_recv().is_ok() {}
-                }
+                Some(_) = bundle_change => {}
             }
         }
-        drop(watcher);
     });
     rx
 }
 
-fn watch_dirs(
-    dirs: &[PathBuf],
-    tx: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    if dirs.is_empty() {
-        return None;
-    }
-    let mut w = match notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
-        if r.is_ok() {
-            let _ = tx.send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch trust bundle files; changes need a config reload");
-            return None;
-        }
-    };
-    for d in dirs {
-        if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch trust bundle directory");
-        }
-    }
-    Some(w)
+/// The federated bundle files a config names, sorted and deduplicated.
+fn bundle_files(config: &Config) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = config
+        .agent
+        .trust_bundles
+        .iter()
+        .filter(|(td, _)| **td != config.agent.trust_domain)
+        .map(|(_, b)| b.file.clone())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 #[derive(Debug, Clone)]

@@ -426,6 +426,26 @@ async fn registration_change_and_federated_bundle_change_are_pushed() {
             .is_err(),
         "no duplicate bundle message"
     );
+
+    // A rewrite caught half-way (an unparseable file for a moment) or a failed read keeps
+    // the last good bundle: nothing is pushed and the trust domain stays.
+    std::fs::write(&bundle_file, "-----BEGIN CERT").unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), bs.message())
+            .await
+            .is_err(),
+        "an unreadable bundle file must not change what is published"
+    );
+    let mut again = raw
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let b = again.message().await.unwrap().unwrap();
+    assert!(
+        b.bundles.contains_key("spiffe://other.org"),
+        "the federated trust domain keeps its last good bundle"
+    );
     agent.stop().await;
 }
 
