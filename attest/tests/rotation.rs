@@ -3,6 +3,8 @@
 //! async workers. A key store whose `generate` blocks until released stands in for a slow
 //! (TPM) key.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test setup: a failure should panic with its cause
+
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,8 @@
 //! trusted blindly. Tests that act as another user (uid 65534) need root: they fail under
 //! `CI=true` without it and are skipped elsewhere.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test setup: a failure should panic with its cause
+
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
