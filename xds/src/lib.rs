@@ -6,3 +6,4 @@
 pub mod client;
 pub mod resources;
 pub mod server;
+pub mod type_url;

@@ -36,7 +36,9 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DiscoveryRequest, DiscoveryResponse, Resource as PbResource,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
@@ -50,6 +52,7 @@ pub use model::{
 };
 
 use crate::resources::ResourceType;
+use crate::type_url;
 
 /// The largest response accepted (10,000 clusters are a few MB).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -496,17 +499,43 @@ fn ack_or_nack(
     }
 }
 
-fn decode<P: Message + Default>(any: &Any, expected: &'static str) -> Result<P, ResourceError> {
-    if !any.type_url.ends_with(expected) {
+/// Decodes resource `index` of a response as `P` (type URL `expected`). A resource may
+/// come bare or in the `envoy.service.discovery.v3.Resource` wrapper (which names it). A
+/// failure names the resource as well as it can be named before decoding: the wrapper's
+/// name, else `<index> of <type URL>`, so the NACK says which one was rejected.
+fn decode<P: Message + Default>(
+    any: &Any,
+    index: usize,
+    expected: &'static str,
+) -> Result<P, ResourceError> {
+    let unnamed = || format!("#{index} of {}", type_url::message_name(&any.type_url));
+    let (name, inner) = if any.type_url == type_url::RESOURCE {
+        match PbResource::decode(any.value.as_slice()) {
+            Ok(r) => {
+                let name = if r.name.is_empty() { unnamed() } else { r.name };
+                (name, r.resource.unwrap_or_default())
+            }
+            Err(e) => {
+                return Err(ResourceError::Decode {
+                    name: unnamed(),
+                    expected: type_url::message_name(expected),
+                    reason: format!("the Resource wrapper does not decode: {e}"),
+                });
+            }
+        }
+    } else {
+        (unnamed(), any.clone())
+    };
+    if type_url::message_name(&inner.type_url) != type_url::message_name(expected) {
         return Err(ResourceError::Decode {
-            name: String::new(),
-            expected,
-            reason: format!("type URL is {}", any.type_url),
+            name,
+            expected: type_url::message_name(expected),
+            reason: format!("type URL is {}", inner.type_url),
         });
     }
-    P::decode(any.value.as_slice()).map_err(|e| ResourceError::Decode {
-        name: String::new(),
-        expected,
+    P::decode(inner.value.as_slice()).map_err(|e| ResourceError::Decode {
+        name,
+        expected: type_url::message_name(expected),
         reason: e.to_string(),
     })
 }
@@ -516,8 +545,8 @@ fn decode<P: Message + Default>(any: &Any, expected: &'static str) -> Result<P, 
 fn apply_clusters(cache: &mut Cache, resp: &DiscoveryResponse) -> Vec<ResourceError> {
     let mut errors = Vec::new();
     let mut next = BTreeMap::new();
-    for any in &resp.resources {
-        let decoded = decode::<Cluster>(any, "envoy.config.cluster.v3.Cluster");
+    for (i, any) in resp.resources.iter().enumerate() {
+        let decoded = decode::<Cluster>(any, i, type_url::CLUSTER);
         let cluster = match decoded {
             Ok(c) => c,
             Err(e) => {
@@ -545,11 +574,8 @@ fn apply_clusters(cache: &mut Cache, resp: &DiscoveryResponse) -> Vec<ResourceEr
 /// Applies an EDS response (only the resources it carries).
 fn apply_endpoints(cache: &mut Cache, resp: &DiscoveryResponse) -> Vec<ResourceError> {
     let mut errors = Vec::new();
-    for any in &resp.resources {
-        let cla = match decode::<ClusterLoadAssignment>(
-            any,
-            "envoy.config.endpoint.v3.ClusterLoadAssignment",
-        ) {
+    for (i, any) in resp.resources.iter().enumerate() {
+        let cla = match decode::<ClusterLoadAssignment>(any, i, type_url::ENDPOINT) {
             Ok(c) => c,
             Err(e) => {
                 errors.push(e);

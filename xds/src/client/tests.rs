@@ -78,25 +78,19 @@ fn state_indexes_by_destination_and_name() {
     .unwrap()
     .config;
     let snap = crate::resources::build(&cfg, 1);
-    let c: Cluster = prost::Message::decode(
-        snap.of(ResourceType::Cluster)
-            .get("s.demo.client.domain_cluster")
-            .unwrap()
-            .any
-            .value
-            .as_slice(),
-    )
-    .unwrap();
+    let c: Cluster = snap
+        .of(ResourceType::Cluster)
+        .get("s.demo.client.domain_cluster")
+        .unwrap()
+        .decode()
+        .unwrap();
     let info = ClusterInfo::try_from(&c).unwrap();
-    let cla: ClusterLoadAssignment = prost::Message::decode(
-        snap.of(ResourceType::Endpoint)
-            .get("s.demo.client.domain_cluster")
-            .unwrap()
-            .any
-            .value
-            .as_slice(),
-    )
-    .unwrap();
+    let cla: ClusterLoadAssignment = snap
+        .of(ResourceType::Endpoint)
+        .get("s.demo.client.domain_cluster")
+        .unwrap()
+        .decode()
+        .unwrap();
     let eps = Endpoints::try_from(&cla).unwrap().endpoints;
     let vip = info.vip;
     let state = XdsState::new(

@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::Duration;
 
-use super::{Resource, endpoint, meta};
+use super::{Resource, VersionError, endpoint, meta};
 use registry::config::{FederatedService, GatewayAddress, ServerIdentity, TlsMode};
 
 /// How long Envoy (and ferry's proxy) waits for a TCP connection to a gateway.
@@ -40,7 +40,7 @@ pub const ISTIO_TCP_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
 pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 
 /// The `Cluster` for one service.
-pub fn cluster(svc: &FederatedService) -> Resource {
+pub fn cluster(svc: &FederatedService) -> Result<Resource, VersionError> {
     let dns = svc
         .gateways
         .iter()

@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 
-use super::{Resource, meta};
+use super::{Resource, VersionError, meta};
 use registry::config::{FederatedService, GatewayAddress, GatewayType};
 
 /// Every gateway's load-balancing weight (the CRD has no weight field).
@@ -89,7 +89,7 @@ pub fn assignment(svc: &FederatedService) -> ClusterLoadAssignment {
 }
 
 /// The EDS resource for `svc`.
-pub fn load_assignment(svc: &FederatedService) -> Resource {
+pub fn load_assignment(svc: &FederatedService) -> Result<Resource, VersionError> {
     Resource::new(
         svc.cluster_name(),
         &assignment(svc),

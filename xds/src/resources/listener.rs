@@ -31,9 +31,9 @@ use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use envoy_types::util::pack_any;
 use serde::Serialize;
 
-use super::Resource;
 use super::cluster::CONNECT_TIMEOUT_SECS;
 use super::endpoint::tcp_address;
+use super::{Resource, VersionError};
 use registry::config::Config;
 
 /// The outbound listener's name.
@@ -81,7 +81,7 @@ struct OutboundInputs<'a> {
 /// tcp_proxy to `H_cluster`; no default chain, so connections to anything else are closed
 /// (plus, if enabled, a loopback passthrough chain). `None` when it would have no chain at
 /// all, which Envoy rejects.
-pub fn outbound_listener(config: &Config) -> Option<Resource> {
+pub fn outbound_listener(config: &Config) -> Result<Option<Resource>, VersionError> {
     let listen = &config.agent.listen;
     let mut inputs = OutboundInputs {
         address: listen.outbound,
@@ -125,7 +125,7 @@ pub fn outbound_listener(config: &Config) -> Option<Resource> {
         });
     }
     if chains.is_empty() {
-        return None;
+        return Ok(None);
     }
     let l = Listener {
         name: OUTBOUND_LISTENER.to_owned(),
@@ -143,11 +143,11 @@ pub fn outbound_listener(config: &Config) -> Option<Resource> {
         filter_chains: chains,
         ..Default::default()
     };
-    Some(Resource::new(OUTBOUND_LISTENER.to_owned(), &l, &inputs))
+    Resource::new(OUTBOUND_LISTENER.to_owned(), &l, &inputs).map(Some)
 }
 
 /// The ORIGINAL_DST cluster the passthrough chain forwards to.
-pub fn passthrough_cluster() -> Resource {
+pub fn passthrough_cluster() -> Result<Resource, VersionError> {
     let c = Cluster {
         name: PASSTHROUGH_CLUSTER.to_owned(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(
@@ -194,7 +194,7 @@ const CARES_RESOLVER: &str = "envoy.network.dns_resolver.cares";
 
 /// The `dns` listener: UDP on `listen.dns` with Envoy's DNS filter, an inline table mapping
 /// every federated hostname to its VIP, and upstream resolution for every other name.
-pub fn dns_listener(config: &Config) -> Resource {
+pub fn dns_listener(config: &Config) -> Result<Resource, VersionError> {
     let listen = config.agent.listen.dns;
     let table: Vec<(String, String)> = config
         .services

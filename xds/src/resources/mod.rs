@@ -21,12 +21,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use envoy_types::pb::google::protobuf::Any;
-use prost::{Message, Name};
+use prost::{DecodeError, Message, Name};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use registry::config::Config;
+
+use crate::type_url;
 
 pub use cluster::cluster;
 pub use endpoint::load_assignment;
@@ -60,11 +62,9 @@ impl ResourceType {
     /// The type URL on the wire.
     pub fn type_url(self) -> &'static str {
         match self {
-            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            ResourceType::Endpoint => {
-                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-            }
-            ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::Cluster => type_url::CLUSTER,
+            ResourceType::Endpoint => type_url::ENDPOINT,
+            ResourceType::Listener => type_url::LISTENER,
         }
     }
 
@@ -112,25 +112,28 @@ impl FromStr for ResourceType {
     type Err = UnknownTypeUrl;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ResourceType::ALL
-            .into_iter()
-            .find(|t| t.type_url() == s)
-            .ok_or_else(|| UnknownTypeUrl {
+        match s {
+            type_url::CLUSTER => Ok(ResourceType::Cluster),
+            type_url::ENDPOINT => Ok(ResourceType::Endpoint),
+            type_url::LISTENER => Ok(ResourceType::Listener),
+            _ => Err(UnknownTypeUrl {
                 type_url: s.to_owned(),
-            })
+            }),
+        }
     }
 }
 
 /// One encoded resource with its content version. Two resources are equal when their
 /// names and versions are (the encoding of protobuf maps varies, the content does not).
+///
+/// Only the encoded bytes are kept (one copy, shared by every stream); tools and tests read
+/// the message back with [`Resource::decode`].
 #[derive(Debug, Clone)]
 pub struct Resource {
     /// The resource name (`H_cluster`, `outbound`, `dns`).
     pub name: String,
     /// A hash of everything the resource was built from: equal versions mean equal content.
     pub version: String,
-    /// The resource, packed.
-    pub any: Any,
     /// The envoy delta `Resource` message (version, `Any`, name), encoded once here and
     /// shared by every stream the resource is sent on.
     wire: Box<[u8]>,
@@ -144,25 +147,45 @@ impl PartialEq for Resource {
     }
 }
 
+/// A resource could not be versioned: the domain values it is built from did not
+/// serialise, so there is nothing meaningful to hash. The resource is left out of the
+/// snapshot (and logged) rather than served under a version that would collide.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot version xDS resource {name:?}: its inputs do not serialise ({source}); it is left out of what ferry serves (this is a ferry bug, please report it)"
+)]
+pub struct VersionError {
+    /// The resource name.
+    pub name: String,
+    /// The serialisation error.
+    pub source: serde_json::Error,
+}
+
 impl Resource {
     /// Packs `msg`, versioned by a hash of `inputs` (the domain values it was built from).
     /// Hashing inputs rather than encoded bytes keeps versions stable: protobuf maps
     /// (metadata, `Struct`) encode in no fixed order.
-    pub fn new<M: Name, I: Serialize + ?Sized>(name: String, msg: &M, inputs: &I) -> Self {
-        let version = content_version(M::full_name().as_str(), inputs);
+    pub fn new<M: Name, I: Serialize + ?Sized>(
+        name: String,
+        msg: &M,
+        inputs: &I,
+    ) -> Result<Self, VersionError> {
+        let version = match content_version(M::full_name().as_str(), inputs) {
+            Ok(v) => v,
+            Err(source) => return Err(VersionError { name, source }),
+        };
         let any = Any {
             type_url: M::type_url(),
             value: msg.encode_to_vec(),
         };
         let (wire, any_at) =
             crate::server::wire::encode_resource(&name, &version, &any.encode_to_vec());
-        Resource {
+        Ok(Resource {
             name,
             version,
-            any,
             wire: wire.into_boxed_slice(),
             any_at,
-        }
+        })
     }
 
     /// The encoded envoy delta `Resource` message (`version`, `resource`, `name`).
@@ -174,17 +197,55 @@ impl Resource {
     pub fn any_wire(&self) -> &[u8] {
         self.wire.get(self.any_at.clone()).unwrap_or_default()
     }
+
+    /// The packed message as an `Any`, decoded from the shared bytes.
+    pub fn any(&self) -> Result<Any, DecodeError> {
+        Any::decode(self.any_wire())
+    }
+
+    /// The message itself, decoded from the shared bytes (for tools and tests; the server
+    /// only ever sends the bytes).
+    pub fn decode<M: Message + Default>(&self) -> Result<M, DecodeError> {
+        M::decode(self.any()?.value.as_slice())
+    }
 }
 
-fn content_version<I: Serialize + ?Sized>(kind: &str, inputs: &I) -> String {
+/// Feeds what is written into a hash (so inputs are hashed without a JSON copy).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn content_version<I: Serialize + ?Sized>(
+    kind: &str,
+    inputs: &I,
+) -> Result<String, serde_json::Error> {
     let mut h = Sha256::new();
     h.update(TRANSLATION_REVISION.to_be_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(kind.as_bytes());
-    // Serializing plain config structs to JSON cannot fail; an empty input still hashes.
-    h.update(serde_json::to_vec(inputs).unwrap_or_default());
+    serde_json::to_writer(HashWriter(&mut h), inputs)?;
     let d = h.finalize();
-    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+    Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Keeps a built resource, or logs why it could not be built and leaves it out.
+fn built(r: Result<Resource, VersionError>) -> Option<Arc<Resource>> {
+    match r {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::error!(error = %e, "xds: resource left out");
+            None
+        }
+    }
 }
 
 /// All resources of one type, by name, with a version for the whole set.
@@ -238,6 +299,22 @@ struct Changes {
 }
 
 impl Snapshot {
+    /// A snapshot of the given resources per type (tests build large synthetic ones).
+    #[cfg(test)]
+    pub(crate) fn from_resources(generation: u64, types: [Vec<Resource>; 3]) -> Snapshot {
+        Snapshot {
+            generation,
+            types: types.map(|rs| {
+                TypeResources::new(
+                    rs.into_iter()
+                        .map(|r| (r.name.clone(), Arc::new(r)))
+                        .collect(),
+                )
+            }),
+            changes: None,
+        }
+    }
+
     /// The resources of one type.
     pub fn of(&self, t: ResourceType) -> &TypeResources {
         &self.types[t.index()]
@@ -298,17 +375,22 @@ fn build_from(config: &Config, prev: Option<(&Config, &Snapshot)>, generation: u
         let c = same
             .then(|| reuse(ResourceType::Cluster, &name))
             .flatten()
-            .unwrap_or_else(|| Arc::new(cluster(svc)));
-        clusters.insert(name.clone(), c);
+            .or_else(|| built(cluster(svc)));
         let e = same
             .then(|| reuse(ResourceType::Endpoint, &name))
             .flatten()
-            .unwrap_or_else(|| Arc::new(load_assignment(svc)));
-        endpoints.insert(name, e);
+            .or_else(|| built(load_assignment(svc)));
+        if let Some(c) = c {
+            clusters.insert(name.clone(), c);
+        }
+        if let Some(e) = e {
+            endpoints.insert(name, e);
+        }
     }
-    if config.agent.listen.outbound_passthrough {
-        let c = passthrough_cluster();
-        clusters.insert(c.name.clone(), Arc::new(c));
+    if config.agent.listen.outbound_passthrough
+        && let Some(c) = built(passthrough_cluster())
+    {
+        clusters.insert(c.name.clone(), c);
     }
     // Listeners depend on the listen addresses and each service's hostname, VIP and port.
     let listener_key = |c: &Config| {
@@ -326,11 +408,13 @@ fn build_from(config: &Config, prev: Option<(&Config, &Snapshot)>, generation: u
             listeners = snap.of(ResourceType::Listener).resources.clone();
         }
         _ => {
-            for l in [outbound_listener(config), Some(dns_listener(config))]
+            let outbound = outbound_listener(config).transpose();
+            for l in [outbound, Some(dns_listener(config))]
                 .into_iter()
                 .flatten()
+                .filter_map(built)
             {
-                listeners.insert(l.name.clone(), Arc::new(l));
+                listeners.insert(l.name.clone(), l);
             }
         }
     }

@@ -52,7 +52,7 @@ fn standard() -> Config {
 }
 
 fn decode<M: Message + Default>(r: &Resource) -> M {
-    M::decode(r.any.value.as_slice()).unwrap()
+    r.decode().unwrap()
 }
 
 fn cluster_of(snap: &Snapshot, name: &str) -> Cluster {

@@ -157,7 +157,7 @@ mod tests {
                     name: name.clone(),
                     ..Default::default()
                 };
-                Arc::new(Resource::new(name, &c, &i))
+                Arc::new(Resource::new(name, &c, &i).unwrap())
             })
             .collect();
         SotwResponse {

@@ -1,6 +1,10 @@
 //! The xDS server's Prometheus metrics: streams, responses, ACKs and NACKs per type.
+//!
+//! Shared by every stream that speaks the xDS protocol: ADS (SotW and Delta), the
+//! standalone CDS/EDS/LDS services, and SDS in `workload-api`. Types are labelled by their
+//! short name (`CDS`, `EDS`, `LDS`, `SDS`; see [`crate::type_url::short`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,17 +14,17 @@ use prometheus_client::registry::Registry;
 
 use crate::resources::ResourceType;
 
-/// Label set: the xDS type (`CDS`, `EDS`, `LDS`).
+/// Label set: the xDS type (`CDS`, `EDS`, `LDS`, `SDS`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     /// The short type name.
     pub r#type: String,
 }
 
-/// Label set: the transport variant (`sotw` or `delta`).
+/// Label set: the transport variant (`sotw`, `delta` or `sds`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VariantLabel {
-    /// `sotw` or `delta`.
+    /// `sotw`, `delta` or `sds`.
     pub variant: String,
 }
 
@@ -32,13 +36,18 @@ pub struct XdsMetrics {
     acks: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
     unknown_types: Counter,
-    /// Mirrors of the NACK counters per type, readable without encoding (tests, logs).
-    nack_totals: [AtomicU64; 3],
+    oversized: Counter,
 }
 
-fn label(t: ResourceType) -> TypeLabel {
+fn label(short: &str) -> TypeLabel {
     TypeLabel {
-        r#type: t.short().to_owned(),
+        r#type: short.to_owned(),
+    }
+}
+
+fn variant(v: &str) -> VariantLabel {
+    VariantLabel {
+        variant: v.to_owned(),
     }
 }
 
@@ -67,6 +76,11 @@ impl XdsMetrics {
             "Requests for a type URL ferry does not serve",
             self.unknown_types.clone(),
         );
+        r.register(
+            "oversized_requests",
+            "Requests refused for naming more resources than the per-request cap",
+            self.oversized.clone(),
+        );
     }
 
     /// A registry holding only these metrics, encoded as Prometheus text.
@@ -81,39 +95,102 @@ impl XdsMetrics {
 
     /// NACKs received so far for `t`.
     pub fn nacks(&self, t: ResourceType) -> u64 {
-        self.nack_totals[t.index()].load(Ordering::Relaxed)
+        self.nacks_of(t.short())
     }
 
-    pub(crate) fn stream_opened(&self, variant: &'static str) {
-        self.streams
-            .get_or_create(&VariantLabel {
-                variant: variant.to_owned(),
-            })
-            .inc();
+    /// NACKs received so far for the type with short name `short` (e.g. `SDS`).
+    pub fn nacks_of(&self, short: &str) -> u64 {
+        self.nacks.get_or_create(&label(short)).get()
     }
 
-    pub(crate) fn stream_closed(&self, variant: &'static str) {
-        self.streams
-            .get_or_create(&VariantLabel {
-                variant: variant.to_owned(),
-            })
-            .dec();
+    /// ACKs received so far for the type with short name `short`.
+    pub fn acks_of(&self, short: &str) -> u64 {
+        self.acks.get_or_create(&label(short)).get()
     }
 
-    pub(crate) fn response(&self, t: ResourceType) {
-        self.responses.get_or_create(&label(t)).inc();
+    /// Responses sent so far for the type with short name `short`.
+    pub fn responses_of(&self, short: &str) -> u64 {
+        self.responses.get_or_create(&label(short)).get()
     }
 
-    pub(crate) fn ack(&self, t: ResourceType) {
-        self.acks.get_or_create(&label(t)).inc();
+    /// Streams of `variant` (`sotw`, `delta`, `sds`) open now.
+    pub fn open_streams(&self, variant_name: &str) -> i64 {
+        self.streams.get_or_create(&variant(variant_name)).get()
     }
 
-    pub(crate) fn nack(&self, t: ResourceType) {
-        self.nacks.get_or_create(&label(t)).inc();
-        self.nack_totals[t.index()].fetch_add(1, Ordering::Relaxed);
+    /// Requests refused so far for naming too many resources.
+    pub fn oversized_requests(&self) -> u64 {
+        self.oversized.get()
+    }
+
+    /// Counts a stream of `variant` as open until the returned guard is dropped, however
+    /// the stream's task ends (return, error, panic or cancellation).
+    pub fn open_stream(self: &Arc<Self>, variant_name: &'static str) -> StreamGauge {
+        self.streams.get_or_create(&variant(variant_name)).inc();
+        StreamGauge {
+            metrics: self.clone(),
+            variant: variant_name,
+        }
+    }
+
+    /// Counts a response sent for the type `short`.
+    pub fn response(&self, short: &str) {
+        self.responses.get_or_create(&label(short)).inc();
+    }
+
+    /// Counts an ACK received for the type `short`.
+    pub fn ack(&self, short: &str) {
+        self.acks.get_or_create(&label(short)).inc();
+    }
+
+    /// Counts a NACK received for the type `short`.
+    pub fn nack(&self, short: &str) {
+        self.nacks.get_or_create(&label(short)).inc();
     }
 
     pub(crate) fn unknown_type(&self) {
         self.unknown_types.inc();
+    }
+
+    /// Counts a request refused for naming more resources than the cap.
+    pub fn oversized(&self) {
+        self.oversized.inc();
+    }
+}
+
+/// One open stream in the `xds_streams` gauge: decrements it when dropped, so a stream
+/// whose task returns early, panics or is cancelled does not leak a count.
+#[derive(Debug)]
+#[must_use = "the stream counts as open only while the guard lives"]
+pub struct StreamGauge {
+    metrics: Arc<XdsMetrics>,
+    variant: &'static str,
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .streams
+            .get_or_create(&variant(self.variant))
+            .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gauge_guard_decrements_on_panic() {
+        let m = Arc::new(XdsMetrics::default());
+        let m2 = m.clone();
+        let r = std::thread::spawn(move || {
+            let _g = m2.open_stream("sotw");
+            assert_eq!(m2.open_streams("sotw"), 1);
+            panic!("session panicked");
+        })
+        .join();
+        assert!(r.is_err());
+        assert_eq!(m.open_streams("sotw"), 0);
     }
 }

@@ -4,13 +4,17 @@
 //!
 //! Each stream runs as its own task holding its own state (versions, nonces,
 //! subscriptions), reading snapshots from a `watch` channel: a registry change wakes every
-//! stream at once, and no stream ever waits on another or on a lock.
+//! stream at once, and no stream ever waits on another or on a lock. Each task runs in a
+//! span with its stream id and peer; the protocol core it shares with SDS is [`core`].
 
 mod body;
+pub mod core;
 mod delta;
 mod grpc;
 mod metrics;
 mod sotw;
+#[cfg(test)]
+mod tests;
 pub(crate) mod wire;
 
 use std::future::Future;
@@ -25,10 +29,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use wire::{DeltaResponse, SotwResponse};
 
-pub use metrics::XdsMetrics;
+pub use self::core::{
+    Exchange, MAX_NAMES_PER_REQUEST, Reply, StreamCore, TooManyNames, Verdict, check_names,
+    stream_span, unique_names,
+};
+pub use metrics::{StreamGauge, XdsMetrics};
 
 use crate::resources::{ResourceType, Snapshot};
 
@@ -131,7 +140,8 @@ impl XdsServer {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = sotw::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
-        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
+        let span = session.core.span();
+        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()).instrument(span));
         rx
     }
 
@@ -143,7 +153,8 @@ impl XdsServer {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let peer = req.remote_addr();
         let session = delta::Session::new(self.ctx.clone(), self.next_id(), peer, fixed, tx);
-        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()));
+        let span = session.core.span();
+        tokio::spawn(drive(session, self.ctx.clone(), req.into_inner()).instrument(span));
         rx
     }
 }
@@ -164,13 +175,11 @@ impl XdsServer {
         }
         let snap = self.ctx.snapshots.borrow().clone();
         let res = snap.of(t);
-        let resources = res
-            .resources
-            .values()
-            .filter(|r| req.resource_names.is_empty() || req.resource_names.contains(&r.name))
-            .cloned()
-            .collect();
-        self.ctx.metrics.response(t);
+        let resources = select(res, &req.resource_names).inspect_err(|e| {
+            self.ctx.metrics.oversized();
+            tracing::warn!(r#type = %t, count = e.count, "xds: Fetch names too many resources");
+        })?;
+        self.ctx.metrics.response(t.short());
         Ok(Response::new(SotwResponse {
             version_info: res.version.clone(),
             resources,
@@ -178,6 +187,24 @@ impl XdsServer {
             nonce: String::new(),
         }))
     }
+}
+
+/// The resources a unary `Fetch*` answers with: every one for no names (or `*`), else
+/// each distinct requested name that exists, in request order. One lookup per distinct
+/// name, after the cap check: linear in the request, whatever the snapshot holds.
+pub(crate) fn select(
+    res: &crate::resources::TypeResources,
+    names: &[String],
+) -> Result<Vec<Arc<crate::resources::Resource>>, TooManyNames> {
+    let names = unique_names(names)?;
+    if names.is_empty() || names.contains(&sotw::WILDCARD) {
+        return Ok(res.resources.values().cloned().collect());
+    }
+    Ok(names
+        .into_iter()
+        .filter_map(|n| res.get(n))
+        .cloned()
+        .collect())
 }
 
 /// Resolves a request's type URL: the stream's fixed type for standalone services (where
@@ -209,8 +236,8 @@ pub(crate) fn resolve_type(
     }
 }
 
-/// Waits for `fut` or the shutdown token; `None` on shutdown.
 /// The stream's response channel is gone: stop serving it.
+#[derive(Debug)]
 pub(crate) struct Closed;
 
 /// How one stream variant sends a type's resources; [`Stream::push_all`] orders the pushes.
@@ -261,21 +288,36 @@ where
 /// variant's per-resource-type state.
 pub(crate) struct Stream<R, T> {
     pub(crate) ctx: Arc<Ctx>,
-    pub(crate) id: u64,
-    pub(crate) peer: Option<SocketAddr>,
+    /// Id, node, nonces, metrics, span and the open-streams gauge (shared with SDS).
+    pub(crate) core: StreamCore,
     /// The one type a standalone CDS/EDS/LDS stream serves (`None` on ADS).
     pub(crate) fixed: Option<ResourceType>,
     pub(crate) tx: mpsc::Sender<Result<R, Status>>,
-    /// The node id, from the first request that named one.
-    pub(crate) node: String,
     pub(crate) types: [Option<T>; 3],
-    pub(crate) nonces: u64,
     /// The registry snapshot this stream serves from.
     pub(crate) snapshot: Arc<Snapshot>,
+    /// Resource names looked up or compared by pushes so far: the stream's work, which
+    /// must follow what changed, not what is subscribed (logged at debug, checked by tests).
+    pub(crate) examined: u64,
 }
 
-impl<R, T> Stream<R, T> {
-    /// A stream serving the current snapshot.
+/// How a peer address shows in a stream's span.
+struct Peer(Option<SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+impl<R, T> Stream<R, T>
+where
+    Self: Protocol,
+{
+    /// A stream serving the current snapshot, counted open (and in its span) from now.
     pub(crate) fn new(
         ctx: Arc<Ctx>,
         id: u64,
@@ -284,19 +326,21 @@ impl<R, T> Stream<R, T> {
         tx: mpsc::Sender<Result<R, Status>>,
     ) -> Self {
         let snapshot = ctx.snapshots.borrow().clone();
+        let variant = <Self as Protocol>::VARIANT;
+        let span = stream_span(variant, id, &Peer(peer));
         Stream {
+            core: StreamCore::new(ctx.metrics.clone(), variant, id, span),
             ctx,
-            id,
-            peer,
             fixed,
             tx,
-            node: String::new(),
             types: [None, None, None],
-            nonces: 0,
             snapshot,
+            examined: 0,
         }
     }
+}
 
+impl<R, T> Stream<R, T> {
     /// The start of every request: remembers the node the first time one is named, and
     /// resolves the type URL, answering an unknown one with `InvalidArgument` and ending
     /// the stream.
@@ -305,19 +349,32 @@ impl<R, T> Stream<R, T> {
         node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
         type_url: &str,
     ) -> Result<ResourceType, Closed> {
-        if let Some(node) = node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            tracing::info!(stream = self.id, node = %self.node, cluster = %node.cluster, peer = ?self.peer, "xds: client connected");
+        if self.core.set_node(node) {
+            let cluster = node.map(|n| n.cluster.as_str()).unwrap_or_default();
+            tracing::info!(node = %self.core.node(), cluster, "xds: client connected");
         }
         match resolve_type(&self.ctx, self.fixed, type_url) {
             Ok(t) => Ok(t),
-            Err(status) => {
-                let _ = self.tx.send(Err(status)).await;
-                Err(Closed)
+            Err(status) => self.end(status).await,
+        }
+    }
+
+    /// Checks a request's name count; over the cap the stream ends with `InvalidArgument`
+    /// naming the cap (the request is not applied).
+    pub(crate) async fn check_cap(&mut self, t: ResourceType, count: usize) -> Result<(), Closed> {
+        match check_names(count) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let status = self.core.oversized(t.short(), e);
+                self.end(status).await
             }
         }
+    }
+
+    /// Ends the stream with `status`.
+    async fn end<V>(&mut self, status: Status) -> Result<V, Closed> {
+        let _ = self.tx.send(Err(status)).await;
+        Err(Closed)
     }
 }
 
@@ -327,8 +384,6 @@ pub(crate) trait Protocol {
     type Request;
     /// `sotw` or `delta`, for metrics and logs.
     const VARIANT: &'static str;
-    /// The stream id, for logs.
-    fn id(&self) -> u64;
     /// The node id once the first request named it.
     fn node(&self) -> &str;
     /// Handles one request (subscription change, ACK or NACK).
@@ -338,14 +393,15 @@ pub(crate) trait Protocol {
 }
 
 /// Serves one stream: requests from the client and new registry snapshots, until the client
-/// goes away, the response channel closes or the server shuts down.
+/// goes away, the response channel closes or the server shuts down. The stream counts as
+/// open while `p` lives (its [`StreamCore`] holds the gauge), so a cancelled or panicking
+/// task releases it too.
 pub(crate) async fn drive<P: Protocol>(
     mut p: P,
     ctx: Arc<Ctx>,
     mut inbound: Streaming<P::Request>,
 ) {
-    ctx.metrics.stream_opened(P::VARIANT);
-    tracing::debug!(stream = p.id(), variant = P::VARIANT, "xds: stream opened");
+    tracing::debug!("xds: stream opened");
     let mut snapshots = ctx.snapshots.clone();
     snapshots.mark_unchanged();
     loop {
@@ -360,7 +416,7 @@ pub(crate) async fn drive<P: Protocol>(
             None | Some(Ok(Ok(None))) | Some(Err(false)) => break,
             Some(Ok(Ok(Some(req)))) => p.on_request(req).await,
             Some(Ok(Err(status))) => {
-                tracing::debug!(stream = p.id(), node = %p.node(), variant = P::VARIANT, %status, "xds: stream error");
+                tracing::debug!(%status, "xds: stream error");
                 break;
             }
             Some(Err(true)) => {
@@ -372,10 +428,10 @@ pub(crate) async fn drive<P: Protocol>(
             break;
         }
     }
-    ctx.metrics.stream_closed(P::VARIANT);
-    tracing::debug!(stream = p.id(), node = %p.node(), variant = P::VARIANT, "xds: stream closed");
+    tracing::debug!(node = %p.node(), "xds: stream closed");
 }
 
+/// Waits for `fut` or the shutdown token; `None` on shutdown.
 pub(crate) async fn or_shutdown<F: Future>(ctx: &Ctx, fut: F) -> Option<F::Output> {
     tokio::select! {
         v = fut => Some(v),

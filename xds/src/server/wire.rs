@@ -239,7 +239,7 @@ mod tests {
                     name: (*n).to_owned(),
                     ..Default::default()
                 };
-                Arc::new(Resource::new((*n).to_owned(), &c, n))
+                Arc::new(Resource::new((*n).to_owned(), &c, n).unwrap())
             })
             .collect()
     }
@@ -255,7 +255,7 @@ mod tests {
             };
             let theirs = DiscoveryResponse {
                 version_info: version.to_owned(),
-                resources: rs.iter().map(|r| r.any.clone()).collect(),
+                resources: rs.iter().map(|r| r.any().unwrap()).collect(),
                 type_url: ResourceType::Cluster.type_url().to_owned(),
                 nonce: nonce.to_owned(),
                 ..Default::default()
@@ -284,7 +284,7 @@ mod tests {
                 .map(|r| PbResource {
                     name: r.name.clone(),
                     version: r.version.clone(),
-                    resource: Some(r.any.clone()),
+                    resource: Some(r.any().unwrap()),
                     ..Default::default()
                 })
                 .collect(),
