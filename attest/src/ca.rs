@@ -203,7 +203,14 @@ fn key_name(prefix: &str) -> String {
 
 impl Authority {
     /// Loads the CA from `cfg.state_dir`, or creates a new root when there is none, then
-    /// applies any rotation that fell due while the agent was down.
+    /// applies any rotation that fell due while the agent was down, and logs the SHA-256
+    /// fingerprint of every published root.
+    ///
+    /// Refuses state another local user could have planted, swapped or read
+    /// ([`Error::InsecureState`]: wrong owner, writable by group/other, key readable by
+    /// group/other, symlinks) and keys that are not their certificate's
+    /// ([`Error::KeyMismatch`]). Blocking: call it before the servers start or from
+    /// `spawn_blocking`.
     pub fn open(cfg: AuthorityConfig, keys: Arc<dyn KeyStore>) -> Result<Arc<Self>> {
         let state = Self::load(&cfg, keys.as_ref())?;
         let created = state.roots.is_empty();
