@@ -151,3 +151,98 @@ async fn stream_secrets_versions_acks_and_pushes_rotation() {
     drop(tx);
     agent.stop().await;
 }
+
+/// A running agent with one entry for this uid, and an SDS client to it.
+async fn sds_client() -> (
+    testkit::TempDir,
+    common::Agent,
+    SecretDiscoveryServiceClient<tonic::transport::Channel>,
+) {
+    let d = testkit::tempdir().unwrap();
+    let yaml = config_yaml(
+        d.path(),
+        "1h",
+        &[Entry {
+            id: "spiffe://example.org/sds",
+            selectors: vec![format!("unix:uid:{}", my_uid())],
+            hint: None,
+        }],
+        &[],
+    );
+    let agent = start(d.path(), &yaml).await;
+    let ep = spiffe::transport::Endpoint::parse(&agent.endpoint()).unwrap();
+    let channel = spiffe::transport::connect(&ep).await.unwrap();
+    (d, agent, SecretDiscoveryServiceClient::new(channel))
+}
+
+#[tokio::test]
+async fn fetch_secrets_deduplicates_and_caps_names() {
+    let (_d, agent, mut client) = sds_client().await;
+    let names = ["default", "ROOTCA", "default", "default", "ROOTCA"];
+    let f = client
+        .fetch_secrets(req(&names, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f.resources.len(), 2, "each distinct name once");
+
+    // 200,000 times `default` used to build a 381 MB response; now it is refused.
+    let many = vec!["default"; 200_000];
+    let err = client
+        .fetch_secrets(req(&many, "", ""))
+        .await
+        .expect_err("over the cap");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("16384"), "{}", err.message());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn stream_secrets_deduplicates_caps_and_answers_a_reconnect() {
+    let (_d, agent, mut client) = sds_client().await;
+    // A reconnecting Envoy may carry the nonce of its previous stream: still answered.
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(req(&["default", "default", "ROOTCA"], "v0", "41"))
+        .await
+        .unwrap();
+    let mut responses = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r1 = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("the first request is answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r1.resources.len(), 2, "duplicates left out");
+
+    // A NACK that changes the names is still the subscription.
+    let mut nack = req(&["ROOTCA"], "", &r1.nonce);
+    nack.error_detail = Some(envoy_types::pb::google::rpc::Status {
+        code: 3,
+        message: "test rejects".into(),
+        details: vec![],
+    });
+    tx.send(nack).await.unwrap();
+    let r2 = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r2.resources.len(), 1);
+
+    // Over the cap: the stream ends with InvalidArgument naming it.
+    let many = vec!["default"; 20_000];
+    tx.send(req(&many, &r2.version_info, &r2.nonce))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .unwrap()
+        .expect_err("the stream ends");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("16384"), "{}", err.message());
+    drop(tx);
+    agent.stop().await;
+}
