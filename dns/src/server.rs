@@ -3,7 +3,7 @@
 //! are sent from the receive loop without spawning; forwarded queries run as tasks bounded
 //! by the forwarder's in-flight limit.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use crate::error::DnsError;
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
 use crate::table::DnsTable;
+use registry::latest::Latest;
 
 /// At most this many TCP clients at once.
 const MAX_TCP_CONNECTIONS: usize = 512;
@@ -89,7 +90,7 @@ impl Resolver {
         };
         let first = reuseport_udp(cfg.listen).map_err(bind_err)?;
         let local = first.local_addr().map_err(bind_err)?;
-        if let Some(addr) = cfg.upstreams.iter().find(|u| **u == local) {
+        if let Some(addr) = cfg.upstreams.iter().find(|u| reaches_self(**u, local)) {
             return Err(DnsError::UpstreamIsSelf { addr: *addr });
         }
         let mut udp = vec![Arc::new(first)];
@@ -134,6 +135,44 @@ impl Resolver {
     }
 }
 
+/// Whether a query sent to `upstream` would arrive back at a resolver listening on `local`
+/// (a loop: each forwarded query comes back and is forwarded again). Beyond the exact
+/// address, a wildcard listener (`0.0.0.0:P`, `[::]:P`) receives on every address of the
+/// host: loopback, the unspecified address, and any local interface address.
+fn reaches_self(upstream: SocketAddr, local: SocketAddr) -> bool {
+    if upstream.port() != local.port() {
+        return false;
+    }
+    let u = upstream.ip().to_canonical();
+    let l = local.ip().to_canonical();
+    if u == l {
+        return true;
+    }
+    if !l.is_unspecified() {
+        return false;
+    }
+    // An IPv4 wildcard does not receive IPv6; an IPv6 wildcard is dual-stack on Linux by
+    // default (`bindv6only=0`) and receives both.
+    if matches!(l, IpAddr::V4(_)) && matches!(u, IpAddr::V6(_)) {
+        return false;
+    }
+    u.is_loopback() || u.is_unspecified() || is_local_address(u)
+}
+
+/// A host's own address is the source the kernel picks for a route to it (no packet sent).
+fn is_local_address(ip: IpAddr) -> bool {
+    let any: SocketAddr = match ip {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect((ip, 53))?;
+            s.local_addr()
+        })
+        .is_ok_and(|a| a.ip() == ip)
+}
+
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
@@ -142,30 +181,9 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-/// The current table, refreshed when the control plane published a new one. Checking
-/// `has_changed` is a version compare; the common path takes no lock.
-struct TableView {
-    rx: watch::Receiver<Arc<DnsTable>>,
-    current: Arc<DnsTable>,
-}
-
-impl TableView {
-    fn new(mut rx: watch::Receiver<Arc<DnsTable>>) -> Self {
-        let current = rx.borrow_and_update().clone();
-        Self { rx, current }
-    }
-
-    fn get(&mut self) -> &DnsTable {
-        if self.rx.has_changed().unwrap_or(false) {
-            self.current = self.rx.borrow_and_update().clone();
-        }
-        &self.current
-    }
-}
-
 async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut buf = vec![0u8; 65535];
-    let mut table = TableView::new(shared.table.clone());
+    let mut table = Latest::new(shared.table.clone());
     loop {
         let (n, src) = tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
@@ -178,7 +196,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
         };
         let packet = &buf[..n];
-        match decide(packet, table.get(), &shared.settings) {
+        match decide(packet, table.current(), &shared.settings) {
             Verdict::Drop => shared.metrics.malformed(),
             Verdict::Reply { bytes, outcome } => {
                 shared.metrics.query(outcome);
@@ -269,7 +287,7 @@ async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancella
 }
 
 async fn tcp_conn(mut stream: TcpStream, shared: &Shared) {
-    let mut table = TableView::new(shared.table.clone());
+    let mut table = Latest::new(shared.table.clone());
     loop {
         let Ok(Ok(len)) = tokio::time::timeout(shared.tcp_idle, stream.read_u16()).await else {
             return;
@@ -283,7 +301,7 @@ async fn tcp_conn(mut stream: TcpStream, shared: &Shared) {
         ) {
             return;
         }
-        let reply = match decide(&packet, table.get(), &shared.settings) {
+        let reply = match decide(&packet, table.current(), &shared.settings) {
             Verdict::Drop => {
                 shared.metrics.malformed();
                 return;

@@ -282,6 +282,31 @@ async fn bad_settings_are_refused_with_a_clear_error() {
         err.contains("own listen address: queries would loop"),
         "{err}"
     );
+    // A wildcard listener receives on every local address: an upstream on the same port
+    // at loopback (or the unspecified address) is the resolver itself.
+    let port = testkit::free_port();
+    let wildcard: SocketAddr = ([0, 0, 0, 0], port).into();
+    for up in ["127.0.0.1", "127.0.0.53", "0.0.0.0"] {
+        let up: SocketAddr = (up.parse::<std::net::IpAddr>().unwrap(), port).into();
+        let err = Resolver::bind(
+            ResolverConfig::new(wildcard, vec![up]),
+            rx.clone(),
+            Arc::default(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("--listen {wildcard} --upstream {up} must be refused"))
+        .to_string();
+        assert!(err.contains("queries would loop"), "{err}");
+    }
+    // The same port on another address of a specific listener is not a loop.
+    let other: SocketAddr = ([127, 0, 0, 2], me.port()).into();
+    let ok = Resolver::bind(
+        ResolverConfig::new(me, vec![other]),
+        rx.clone(),
+        Arc::default(),
+    );
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    drop(ok);
     let err = Resolver::bind(ResolverConfig::new(me, vec![]), rx.clone(), Arc::default())
         .err()
         .unwrap()

@@ -10,5 +10,6 @@
 pub mod bundle;
 pub mod config;
 pub mod file_watch;
+pub mod latest;
 pub mod spiffe;
 pub mod vip;
