@@ -491,3 +491,51 @@ async fn standalone_cds_eds_lds_services_answer() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn fetch_over_the_name_cap_is_refused_naming_it() {
+    use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
+    let agent = Agent::start(&agent_doc(Ports::free())).await;
+    let names: Vec<String> = (0..100_000).map(|i| format!("n{i}")).collect();
+    let err = ClusterDiscoveryServiceClient::connect(agent.url())
+        .await
+        .unwrap()
+        .fetch_clusters(DiscoveryRequest {
+            resource_names: names,
+            ..Default::default()
+        })
+        .await
+        .expect_err("over the cap");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("16384"), "{}", err.message());
+    assert_eq!(agent.metrics.oversized_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_sotw_nack_that_changes_the_names_is_applied() {
+    let ports = Ports::free();
+    let gw = [Gw("istio-eastwestgateway", "10.0.0.1", 15443)];
+    let a = service_doc("alpha", 8443, "Mtls", &gw);
+    let b = service_doc("bravo", 9443, "Mtls", &gw);
+    let agent = Agent::start(&format!("{}{a}{b}", agent_doc(ports))).await;
+    let mut s = Sotw::open(&agent).await;
+    s.send(sdk_request(&host("alpha"))).await;
+    let r = s.recv().await;
+    // NACK, asking for bravo too: bravo is answered.
+    let mut nack = sdk_request(&host("alpha"));
+    nack.resource_names
+        .push(format!("{}_cluster", host("bravo")));
+    nack.response_nonce = r.nonce.clone();
+    nack.error_detail = nack_status("rejects alpha");
+    s.send(nack.clone()).await;
+    let r2 = s.recv().await;
+    let cla = ClusterLoadAssignment::decode(r2.resources[0].value.as_slice()).unwrap();
+    assert_eq!(cla.cluster_name, format!("{}_cluster", host("bravo")));
+    // The ACK repeating the names asks nothing new.
+    let mut ack = nack;
+    ack.error_detail = None;
+    ack.response_nonce = r2.nonce.clone();
+    ack.version_info = r2.version_info.clone();
+    s.send(ack).await;
+    assert!(s.recv_within(Duration::from_millis(300)).await.is_none());
+}

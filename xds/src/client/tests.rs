@@ -113,3 +113,48 @@ fn state_indexes_by_destination_and_name() {
     tx.send_replace(Arc::new(state));
     assert_eq!(reader.current().services.len(), 1);
 }
+
+#[test]
+fn a_resource_that_does_not_decode_is_named_in_the_nack() {
+    use envoy_types::pb::envoy::service::discovery::v3::Resource as PbResource;
+    let garbage = Any {
+        type_url: crate::type_url::CLUSTER.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let wrapped = Any {
+        type_url: crate::type_url::RESOURCE.into(),
+        value: PbResource {
+            name: "wrapped_cluster".into(),
+            resource: Some(garbage.clone()),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    };
+    let resp = DiscoveryResponse {
+        type_url: crate::type_url::CLUSTER.into(),
+        resources: vec![garbage, wrapped],
+        ..Default::default()
+    };
+    let errors = apply_clusters(&mut Cache::default(), &resp);
+    let names: Vec<String> = errors
+        .iter()
+        .map(|e| match e {
+            ResourceError::Decode { name, .. } => name.clone(),
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["#0 of envoy.config.cluster.v3.Cluster", "wrapped_cluster"]
+    );
+    let nack = ack_or_nack(
+        &mut TypeState::default(),
+        ResourceType::Cluster,
+        None,
+        &resp,
+        errors,
+    );
+    let message = nack.error_detail.unwrap().message;
+    assert!(message.contains("wrapped_cluster"), "{message}");
+    assert!(!message.contains("resource \"\""), "{message}");
+}

@@ -449,3 +449,29 @@ fn incremental_build_reuses_unchanged_services_and_lists_changes() {
     assert_eq!(gone.len(), 2);
     assert!(gone.contains(&istio));
 }
+
+#[test]
+fn inputs_that_do_not_serialise_give_an_error_not_a_version() {
+    struct Unserialisable;
+    impl Serialize for Unserialisable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no"))
+        }
+    }
+    let c = Cluster::default();
+    let e = Resource::new("x".into(), &c, &Unserialisable).unwrap_err();
+    assert_eq!(e.name, "x");
+    assert!(e.to_string().contains("left out"), "{e}");
+}
+
+#[test]
+fn resources_decode_from_their_single_encoded_copy() {
+    let snap = build(&standard(), 1);
+    let r = snap
+        .of(ResourceType::Cluster)
+        .get("plain.demo.local.domain_cluster")
+        .unwrap();
+    assert_eq!(r.any().unwrap().type_url, crate::type_url::CLUSTER);
+    let c: Cluster = r.decode().unwrap();
+    assert_eq!(c.name, r.name);
+}
