@@ -3,18 +3,23 @@
 //! hands to every request as a connection extension.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use registry::config::Endpoint;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
+use crate::accept::{self, Accept, Connection};
 use crate::error::Error;
+use crate::limits::{ConnStats, ConnectionLimits, PeerKey};
 use crate::peer::unix_peer;
 pub use crate::peer::{PeerCred, PeerInfo};
 
@@ -161,24 +166,69 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
 }
 
 impl Listener {
-    /// The accepted connections, each with its [`PeerInfo`].
-    pub fn incoming(self) -> impl Stream<Item = io::Result<PeerStream>> + Send {
-        futures::stream::unfold(self, |l| async move {
-            let res = match &l {
-                Listener::Unix(u, _) => u.accept().await.map(|(s, _)| {
-                    let p = unix_peer(&s);
-                    PeerStream::Unix(s, p)
-                }),
-                Listener::Tcp(t) => t.accept().await.map(|(s, remote)| {
-                    let p = PeerInfo {
-                        cred: None,
-                        remote: Some(remote),
-                        local: s.local_addr().ok(),
-                    };
-                    PeerStream::Tcp(s, p)
-                }),
-            };
-            Some((res, l))
-        })
+    /// The admitted connections, each with its [`PeerInfo`], behind the per-peer limits,
+    /// the handshake timeout and the `:authority` shim ([`crate::accept`]).
+    pub fn incoming(
+        self,
+        limits: ConnectionLimits,
+        stats: Arc<ConnStats>,
+    ) -> impl Stream<Item = io::Result<Connection<PeerStream>>> + Send {
+        accept::incoming(self, limits, stats)
     }
+}
+
+/// A connection between `accept` and the limit check: only what the check needs is known.
+#[derive(Debug)]
+pub enum RawConn {
+    /// From the Unix socket.
+    Unix(UnixStream),
+    /// From the TCP listener, with its (cheap) addresses.
+    Tcp(TcpStream, PeerInfo),
+}
+
+impl Accept for Listener {
+    type Raw = RawConn;
+    type Io = PeerStream;
+
+    async fn accept(&mut self) -> io::Result<(RawConn, PeerKey)> {
+        match self {
+            Listener::Unix(u, _) => {
+                let (s, _) = u.accept().await?;
+                // Only the uid, for the quota: the full peer facts (pidfd, /proc) are
+                // gathered once the connection is admitted.
+                let key = match getsockopt(&s, PeerCredentials) {
+                    Ok(c) => PeerKey::Uid(c.uid()),
+                    Err(_) => PeerKey::Unknown,
+                };
+                Ok((RawConn::Unix(s), key))
+            }
+            Listener::Tcp(t) => {
+                let (s, remote) = t.accept().await?;
+                let p = PeerInfo {
+                    cred: None,
+                    remote: Some(canonical(remote)),
+                    local: s.local_addr().ok().map(canonical),
+                };
+                let key = PeerKey::of(&p);
+                Ok((RawConn::Tcp(s, p), key))
+            }
+        }
+    }
+
+    fn admit(raw: RawConn) -> PeerStream {
+        match raw {
+            RawConn::Unix(s) => {
+                let p = unix_peer(&s);
+                PeerStream::Unix(s, p)
+            }
+            RawConn::Tcp(s, p) => PeerStream::Tcp(s, p),
+        }
+    }
+}
+
+/// A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`; the kernel lists their
+/// sockets in `/proc/net/tcp` as IPv4. Fold them so the address is the same however the
+/// listener was bound (owner lookup, per-address limits, logs).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }

@@ -18,10 +18,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod attestor;
+pub mod authority_shim;
 pub mod core;
 pub mod endpoint;
 pub mod error;
+pub mod hpack;
+pub mod limits;
 pub mod peer;
 pub mod sds;
 pub mod server;

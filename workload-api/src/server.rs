@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::Core;
 use crate::endpoint::{self, Listener};
 use crate::error::Error;
+use crate::limits::{ConnStats, ConnectionLimits};
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::sds::Sds;
 use crate::state::{self, SvidCache};
@@ -24,6 +25,8 @@ pub struct WorkloadApiServer {
     listener: Listener,
     core: Arc<Core>,
     endpoint: Endpoint,
+    limits: ConnectionLimits,
+    stats: Arc<ConnStats>,
 }
 
 impl WorkloadApiServer {
@@ -49,7 +52,22 @@ impl WorkloadApiServer {
             listener,
             core,
             endpoint,
+            limits: ConnectionLimits::default(),
+            stats: Arc::default(),
         })
+    }
+
+    /// Replaces the connection limits (per-peer connections, handshake timeout, HTTP/2
+    /// keepalive and streams); the defaults are [`ConnectionLimits::default`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Counters of admitted, refused and failed connections.
+    pub fn stats(&self) -> Arc<ConnStats> {
+        self.stats.clone()
     }
 
     /// The endpoint being served.
@@ -69,6 +87,8 @@ impl WorkloadApiServer {
             listener,
             core,
             endpoint,
+            limits,
+            stats,
         } = self;
         let stop = core.shutdown.clone();
         let wapi = SpiffeWorkloadApiServer::with_interceptor(
@@ -76,13 +96,19 @@ impl WorkloadApiServer {
             require_security_header,
         );
         let sds = SecretDiscoveryServiceServer::new(Sds::new(core));
+        let h2 = limits.h2;
         tonic::transport::Server::builder()
+            // The shim in front of h2 mirrors these: keep them in step (authority_shim.rs).
+            .max_frame_size(u32::try_from(h2.max_frame_size).ok())
+            .http2_max_header_list_size(u32::try_from(h2.max_header_list_size).ok())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .add_service(wapi)
             .add_service(sds)
-            .serve_with_incoming_shutdown(
-                listener.incoming(),
-                async move { stop.cancelled().await },
-            )
+            .serve_with_incoming_shutdown(listener.incoming(limits, stats), async move {
+                stop.cancelled().await
+            })
             .await?;
         tracing::info!(%endpoint, "Workload API stopped");
         Ok(())
