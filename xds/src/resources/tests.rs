@@ -285,7 +285,7 @@ fn dns_listener_maps_every_hostname_to_its_vip_over_udp() {
     };
     assert_eq!(table.virtual_domains.len(), cfg.services.len());
     for (d, s) in table.virtual_domains.iter().zip(&cfg.services) {
-        assert_eq!(d.name, s.hostname);
+        assert_eq!(d.name, s.hostname.as_str());
         let dbg = format!("{:?}", d.endpoint);
         assert!(dbg.contains(&s.vip.to_string()), "{dbg}");
     }
