@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use registry::hostname::Hostname;
 use tokio::sync::watch;
 
 /// Federated hostnames and their VIPs, as the control plane publishes them.
@@ -92,9 +93,9 @@ where
     rx
 }
 
-/// Lowercase without the trailing dot: the table's key form.
+/// Lowercase without the trailing dot: the table's key form ([`Hostname`]'s).
 pub fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
+    Hostname::new(name).into()
 }
 
 #[cfg(test)]

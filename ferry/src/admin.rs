@@ -9,8 +9,16 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-/// Serves the admin endpoint on `listener` until `stop` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry, stop: CancellationToken) {
+use crate::readiness::Readiness;
+
+/// Serves the admin endpoint on `listener` until `stop` is cancelled: `/metrics`, and
+/// `/ready` answering 200 `LIVE` when `ready` says so, else 503 naming what is missing.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+) {
     let registry = Arc::new(registry);
     let app = Router::new()
         .route(
@@ -36,7 +44,21 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Registry, stop: 
                 }
             }),
         )
-        .route("/ready", get(|| async { "LIVE\n" }));
+        .route(
+            "/ready",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready.check() {
+                        Ok(()) => (StatusCode::OK, "LIVE\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("NOT READY: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "admin endpoint serving /metrics and /ready");
     if let Err(e) = axum::serve(listener, app)

@@ -63,18 +63,29 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let resolver = Resolver::bind(cfg, table, metrics.clone())?;
+    let mut admin = None;
     if let Some(addr) = args.admin {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(registry.sub_registry_with_prefix("ferry_dns"));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for --admin on {addr}"))?;
-        tokio::spawn(crate::admin::serve(listener, registry, stop.clone()));
+        // The resolver's sockets are bound (Resolver::bind): ready from the start.
+        let ready = Arc::new(crate::readiness::Readiness::default());
+        admin = Some(tokio::spawn(crate::admin::serve(
+            listener,
+            registry,
+            ready,
+            stop.clone(),
+        )));
     }
     let serving = tokio::spawn(resolver.run(stop.clone()));
     crate::agent::shutdown_signal().await;
     stop.cancel();
     serving.await.context("resolver task failed")?;
+    if let Some(admin) = admin {
+        admin.await.context("admin task failed")?;
+    }
     Ok(())
 }
 

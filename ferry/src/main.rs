@@ -8,6 +8,7 @@ mod cli;
 mod config_cmd;
 mod dns_cmd;
 mod logging;
+mod readiness;
 
 use clap::Parser;
 

@@ -10,6 +10,7 @@
 pub mod bundle;
 pub mod config;
 pub mod file_watch;
+pub mod hostname;
 pub mod latest;
 pub mod spiffe;
 pub mod vip;

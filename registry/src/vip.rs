@@ -59,7 +59,7 @@ pub fn allocate<'a>(
     }
     let mut names: Vec<String> = hostnames
         .into_iter()
-        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        .map(|h| String::from(crate::hostname::Hostname::new(h)))
         .collect();
     names.sort();
     names.dedup();

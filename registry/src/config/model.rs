@@ -10,6 +10,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use crate::hostname::Hostname;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The API version of ferry's own `AgentConfig` document.
@@ -33,10 +34,8 @@ pub struct Config {
 impl Config {
     /// The service with this hostname (case-insensitive, trailing dot allowed).
     pub fn service(&self, hostname: &str) -> Option<&FederatedService> {
-        let h = hostname.trim_end_matches('.');
-        self.services
-            .iter()
-            .find(|s| s.hostname.eq_ignore_ascii_case(h))
+        let h = Hostname::new(hostname);
+        self.services.iter().find(|s| s.hostname == h)
     }
 
     /// The trust domains other than our own that the config mentions: bundles given and
@@ -346,7 +345,7 @@ impl fmt::Display for GatewayType {
 #[serde(rename_all = "camelCase")]
 pub enum GatewayAddress {
     /// Resolved by the consumer.
-    Hostname(String),
+    Hostname(Hostname),
     /// Used as is.
     Ip(IpAddr),
 }
@@ -411,7 +410,7 @@ pub struct FederatedService {
     /// The identities the server may present.
     pub server_identity: ServerIdentity,
     /// `{name}.{namespace}.{server trust domain}`, lowercase.
-    pub hostname: String,
+    pub hostname: Hostname,
     /// The loopback VIP clients reach the service on.
     pub vip: Ipv4Addr,
 }

@@ -13,6 +13,7 @@ use super::Diagnostic;
 use super::model::*;
 use super::positions::{self, DocPositions, Position};
 use super::raw::*;
+use crate::hostname::Hostname;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::vip;
 
@@ -218,7 +219,7 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
     };
     let mut built = Vec::new();
     if let Some((own, vip_range)) = scope {
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut seen: BTreeMap<Hostname, usize> = BTreeMap::new();
         for (i, raw) in &services {
             if let Some(svc) = federated_service(&mut cx, *i, raw, own) {
                 if let Some(first) = seen.get(&svc.hostname) {
@@ -244,7 +245,7 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
         match vip::allocate(vip_range, built.iter().map(|s| s.hostname.as_str())) {
             Ok(vips) => {
                 for s in &mut built {
-                    if let Some(v) = vips.get(&s.hostname) {
+                    if let Some(v) = vips.get(s.hostname.as_str()) {
                         s.vip = *v;
                     }
                 }
@@ -596,8 +597,8 @@ fn federated_service(
         gateways = gateways_from_status(cx, i, &raw.status.gateway_entries);
     }
     let hostname = match (&name, &namespace) {
-        (Some(n), Some(ns)) => format!("{n}.{ns}.{server_trust_domain}"),
-        _ => String::new(),
+        (Some(n), Some(ns)) => Hostname::new(&format!("{n}.{ns}.{server_trust_domain}")),
+        _ => Hostname::default(),
     };
     if gateways.is_empty() && !hostname.is_empty() {
         cx.warn(i, "spec", format!("{hostname} has no gateways yet (spec.gateways and status.gatewayEntries are empty): it gets a VIP but no endpoints"));
@@ -658,20 +659,13 @@ fn gateways(cx: &mut Ctx, i: usize, base: &str, raw: &[RawGateway]) -> Vec<Gatew
                 cx.err(i, &path, "one of hostname or ip is required");
                 None
             }
-            (Some(h), None) => {
-                if is_dns_name(h) {
-                    Some(GatewayAddress::Hostname(
-                        h.trim_end_matches('.').to_ascii_lowercase(),
-                    ))
-                } else {
-                    cx.err(
-                        i,
-                        &format!("{path}.hostname"),
-                        format!("not a valid DNS name: {h:?}"),
-                    );
+            (Some(h), None) => match Hostname::parse(h) {
+                Ok(h) => Some(GatewayAddress::Hostname(h)),
+                Err(e) => {
+                    cx.err(i, &format!("{path}.hostname"), e.to_string());
                     None
                 }
-            }
+            },
             (None, Some(ip)) => match ip.parse::<IpAddr>() {
                 Ok(ip) => Some(GatewayAddress::Ip(ip)),
                 Err(_) => {
@@ -716,17 +710,4 @@ fn dns_label(cx: &mut Ctx, i: usize, path: &str, v: Option<&str>) -> Option<Stri
         );
         None
     }
-}
-
-fn is_dns_name(h: &str) -> bool {
-    let h = h.trim_end_matches('.');
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }

@@ -19,6 +19,7 @@ use prost::Message;
 
 use crate::resources::meta;
 use registry::config::{GatewayAddress, TlsMode};
+use registry::hostname::Hostname;
 
 /// Why a resource from the server could not be used. The resource is rejected (NACKed)
 /// alone; the others in the same response still apply.
@@ -200,12 +201,9 @@ impl XdsState {
     /// The VIP of a federated hostname (case-insensitive, trailing dot allowed): what the
     /// DNS resolver answers.
     pub fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
-        let n = name.trim_end_matches('.');
-        if let Some(s) = self.services.get(n) {
-            return Some(s.cluster.vip);
-        }
-        let lower = n.to_ascii_lowercase();
-        self.services.get(&lower).map(|s| s.cluster.vip)
+        self.services
+            .get(Hostname::new(name).as_str())
+            .map(|s| s.cluster.vip)
     }
 }
 
@@ -233,17 +231,10 @@ impl TryFrom<&Cluster> for ClusterInfo {
         let vip = meta::get_string(m, meta::VIP)
             .and_then(|v| v.parse::<Ipv4Addr>().ok())
             .ok_or_else(|| field(&name, "filter_metadata.ferry.vip", "not an IPv4 address"))?;
-        let tls_mode = match meta::get_string(m, meta::TLS_MODE) {
-            Some("Mtls") => TlsMode::Mtls,
-            Some("IstioMtls") => TlsMode::IstioMtls,
-            other => {
-                return Err(field(
-                    &name,
-                    "filter_metadata.ferry.tlsMode",
-                    format!("{other:?}"),
-                ));
-            }
-        };
+        let tls_mode = meta::get_string(m, meta::TLS_MODE)
+            .unwrap_or_default()
+            .parse::<TlsMode>()
+            .map_err(|e| field(&name, "filter_metadata.ferry.tlsMode", e.to_string()))?;
         let transport = match tls_mode {
             TlsMode::Mtls => Transport::Passthrough,
             TlsMode::IstioMtls => Transport::IstioMtls(istio_tls(&name, c)?),
@@ -377,9 +368,10 @@ impl TryFrom<&ClusterLoadAssignment> for Endpoints {
                 };
                 let address = match sa.address.parse::<IpAddr>() {
                     Ok(ip) => GatewayAddress::Ip(ip),
-                    Err(_) if !sa.address.is_empty() => {
-                        GatewayAddress::Hostname(sa.address.clone())
-                    }
+                    Err(_) if !sa.address.is_empty() => GatewayAddress::Hostname(
+                        Hostname::parse(&sa.address)
+                            .map_err(|e| field(name, "endpoint.address", e.to_string()))?,
+                    ),
                     Err(_) => return Err(field(name, "endpoint.address", "empty")),
                 };
                 endpoints.push(GatewayEndpoint {

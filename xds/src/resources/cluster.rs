@@ -52,7 +52,7 @@ pub fn cluster(svc: &FederatedService) -> Result<Resource, VersionError> {
             nanos: 0,
         }),
         metadata: Some(meta::ferry([
-            (meta::HOSTNAME, meta::string(&svc.hostname)),
+            (meta::HOSTNAME, meta::string(svc.hostname.as_str())),
             (meta::PORT, meta::number(f64::from(svc.port))),
             (meta::VIP, meta::string(svc.vip.to_string())),
             (meta::TLS_MODE, meta::string(svc.tls_mode.to_string())),

@@ -50,7 +50,7 @@ pub fn assignment(svc: &FederatedService) -> ClusterLoadAssignment {
             .filter(|g| g.kind == kind)
             .map(|g| {
                 let host = match &g.address {
-                    GatewayAddress::Hostname(h) => h.clone(),
+                    GatewayAddress::Hostname(h) => h.to_string(),
                     GatewayAddress::Ip(ip) => ip.to_string(),
                 };
                 LbEndpoint {

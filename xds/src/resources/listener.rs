@@ -100,7 +100,7 @@ pub fn outbound_listener(config: &Config) -> Result<Option<Resource>, VersionErr
                 cluster.clone(),
             ));
             FilterChain {
-                name: svc.hostname.clone(),
+                name: svc.hostname.to_string(),
                 filter_chain_match: Some(FilterChainMatch {
                     destination_port: Some(UInt32Value {
                         value: u32::from(svc.port),
@@ -199,7 +199,7 @@ pub fn dns_listener(config: &Config) -> Result<Resource, VersionError> {
     let table: Vec<(String, String)> = config
         .services
         .iter()
-        .map(|s| (s.hostname.clone(), s.vip.to_string()))
+        .map(|s| (s.hostname.to_string(), s.vip.to_string()))
         .collect();
     let virtual_domains = table
         .iter()
