@@ -5,9 +5,11 @@
 //! Prerequisites: when `CI=true`, a missing peer (Envoy, root, a Debian tool) fails the
 //! test through [`require`]; outside CI it skips with a message.
 
+pub mod config;
 pub mod dns;
 pub mod envoy;
 pub mod http;
+pub mod xds_agent;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

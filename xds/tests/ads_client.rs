@@ -4,13 +4,11 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, Gw, Ports, agent_doc, host, service_doc};
 use registry::config::GatewayAddress;
+use testkit::xds_agent::{Agent, Gw, Ports, agent_doc, host, service_doc};
 use tokio_util::sync::CancellationToken;
 use xds::client::{AdsClient, AdsClientConfig, ConnectionState, Transport, XdsState};
 

@@ -5,13 +5,10 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{Agent, Gw, Ports, agent_doc, host, service_doc};
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address::PortSpecifier};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -20,6 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
+use testkit::xds_agent::{Agent, Gw, Ports, agent_doc, host, service_doc};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;

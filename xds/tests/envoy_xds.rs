@@ -6,13 +6,11 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Gw, Ports, agent_doc, echo_server, host, service_doc};
 use testkit::envoy::Envoy;
+use testkit::xds_agent::{Agent, Gw, Ports, agent_doc, echo_server, host, service_doc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start_envoy(bin: &std::path::Path, agent: &Agent, delta: bool) -> Envoy {
@@ -261,7 +259,7 @@ async fn mtls_data_path_and_dns(delta: bool) {
     let port = testkit::free_port();
     let ports = Ports {
         outbound: ([0, 0, 0, 0], port).into(),
-        dns: ([127, 0, 0, 1], common::free_udp_port()).into(),
+        dns: ([127, 0, 0, 1], testkit::xds_agent::free_udp_port()).into(),
     };
     let gw = echo_server(([127, 0, 0, 1], 0).into(), "gateway:").await;
     let doc = service_doc(

@@ -1,8 +1,8 @@
-//! Harness shared by xds's integration tests: a real agent (config file on disk, hot
-//! reload, translator, xDS server on a loopback port) and config builders.
-#![allow(dead_code)]
-// Test harness: a failed expectation here is a test failure.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+//! An in-process xDS control plane wired as `ferry agent` wires it (config file on disk,
+//! hot reload, translator, ADS server on a loopback port), for the tests of `xds` and of
+//! the proxies it feeds.
+// Test harness: a failed setup is a test failure, loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,9 @@ use registry::config::{Config, ConfigWatcher};
 use tokio_util::sync::CancellationToken;
 use xds::resources::{Snapshot, spawn_translator};
 use xds::server::{XdsMetrics, XdsServer};
+
+use crate::config::AgentDoc;
+pub use crate::config::{Gw, host, service_doc};
 
 /// Listener settings for the `AgentConfig` a test writes.
 #[derive(Clone, Copy)]
@@ -26,7 +29,7 @@ impl Ports {
     /// Free ports on loopback / all addresses.
     pub fn free() -> Self {
         Ports {
-            outbound: ([0, 0, 0, 0], testkit::free_port()).into(),
+            outbound: ([0, 0, 0, 0], crate::free_port()).into(),
             dns: ([127, 0, 0, 1], free_udp_port()).into(),
         }
     }
@@ -40,47 +43,17 @@ pub fn free_udp_port() -> u16 {
         .expect("bind udp 127.0.0.1:0")
 }
 
-/// The `AgentConfig` document.
+/// The `AgentConfig` document of trust domain `client.domain` with these listeners.
 pub fn agent_doc(ports: Ports) -> String {
-    format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  outbound: {}\n  dns: {}\n",
-        ports.outbound, ports.dns
-    )
-}
-
-/// One gateway of a service: (`istio-eastwestgateway` | `istio-ingressgateway`, `ip:` or
-/// `hostname:` value, port).
-pub struct Gw<'a>(pub &'a str, pub &'a str, pub u16);
-
-/// A `FederatedService` document in trust domain `local.domain`.
-pub fn service_doc(name: &str, port: u16, tls_mode: &str, gateways: &[Gw<'_>]) -> String {
-    let mut s = format!(
-        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    ferry.dev/trust-domain: local.domain\nspec:\n  name: {name}\n  namespace: demo\n  port: {port}\n  exportedTrustDomains: [client.domain]\n  spiffeIDPaths: [/ns/demo/sa/{name}]\n  tlsMode: {tls_mode}\n"
-    );
-    if !gateways.is_empty() {
-        s.push_str("  gateways:\n");
-        for Gw(kind, addr, port) in gateways {
-            let key = if addr.parse::<std::net::IpAddr>().is_ok() {
-                "ip"
-            } else {
-                "hostname"
-            };
-            s.push_str(&format!(
-                "    - type: {kind}\n      port: {port}\n      {key}: {addr}\n"
-            ));
-        }
-    }
-    s
-}
-
-/// The federated hostname of `service_doc(name, ..)`.
-pub fn host(name: &str) -> String {
-    format!("{name}.demo.local.domain")
+    AgentDoc::new("client.domain")
+        .listen("outbound", ports.outbound)
+        .listen("dns", ports.dns)
+        .render()
 }
 
 /// A running control plane, as `ferry agent` wires it.
 pub struct Agent {
-    pub dir: testkit::TempDir,
+    pub dir: crate::TempDir,
     pub path: PathBuf,
     pub addr: SocketAddr,
     pub metrics: Arc<XdsMetrics>,
@@ -99,7 +72,7 @@ impl Agent {
 
     /// Like [`Agent::start`], on a given address (to restart a server where it was).
     pub async fn start_on(yaml: &str, xds: SocketAddr) -> Agent {
-        let dir = testkit::tempdir().expect("tempdir");
+        let dir = crate::tempdir().expect("tempdir");
         let path = dir.path().join("ferry.yaml");
         std::fs::write(&path, yaml).expect("write config");
         let watcher = ConfigWatcher::start(&path).await.expect("config loads");
