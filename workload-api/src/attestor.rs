@@ -1,17 +1,35 @@
 //! Caller attestation, SPIRE unix-attestor style: who the caller is comes from the kernel
-//! (`SO_PEERCRED`: pid, uid, gid), what it runs from `/proc/<pid>/exe`. The pid is checked
-//! again after `/proc` was read, so a process that exited and whose pid was reused cannot
-//! borrow another program's identity.
+//! (`SO_PEERCRED`: pid, uid, gid), what it runs from `/proc/<pid>/exe`.
+//!
+//! Order matters for cost and safety: uid/gid (and user/group/path) are evaluated first;
+//! the executable is hashed only when some entry whose other selectors all match needs
+//! `unix:sha256`, only up to [`MAX_HASHED_EXE`] bytes, and at most once per file version
+//! (a bounded cache keyed by device, inode, size, mtime and ctime). Process facts are
+//! trusted only while the connection's [`Binding`](crate::peer::Binding) holds: the same
+//! process (pidfd / start time), running the same executable as right after accept, still
+//! holding the connection. Everything here blocks (`/proc`, NSS lookups, hashing): call it
+//! on the blocking pool.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 
 use nix::unistd::{Gid, Group, Uid, User};
-use registry::config::Selector;
+use registry::config::{RegistrationEntry, Selector};
 use sha2::{Digest, Sha256};
 
-use crate::endpoint::PeerInfo;
+use crate::peer::{BindError, PeerCred, PeerInfo, ProcIdentity};
+
+/// Executables larger than this are not hashed (`unix:sha256` then does not match and a
+/// warning is logged once per file): hashing is on the request path, and a huge (possibly
+/// sparse) file would let any local user burn CPU and I/O.
+pub const MAX_HASHED_EXE: u64 = 256 << 20;
+
+/// How many executables' digests are remembered.
+const DIGEST_CACHE_ENTRIES: usize = 1024;
 
 /// Why a caller could not be attested (each maps to a gRPC status).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,11 +38,14 @@ pub enum AttestError {
     #[error("caller cannot be attested: {0}")]
     Unknown(String),
     /// The process went away (or its pid was reused) while it was being inspected.
-    #[error("caller process {pid} changed during attestation (exited or pid reused)")]
+    #[error("caller process {pid} changed during attestation (exited, pid reused or exec'd)")]
     Raced {
         /// The pid.
         pid: i32,
     },
+    /// The connection is no longer bound to the process that opened it.
+    #[error(transparent)]
+    Unbound(#[from] BindError),
 }
 
 /// The attested facts about one caller, against which selectors are matched.
@@ -36,13 +57,14 @@ pub struct Caller {
     pub uid: u32,
     /// Primary group id (Unix sockets only).
     pub gid: Option<u32>,
-    /// User name, when the uid has one.
+    /// User name, when the uid has one (looked up only when an entry uses `unix:user`).
     pub user: Option<String>,
-    /// Group name, when the gid has one.
+    /// Group name, when the gid has one (looked up only when an entry uses `unix:group`).
     pub group: Option<String>,
     /// The executable, from `/proc/<pid>/exe`.
     pub path: Option<PathBuf>,
-    /// SHA-256 of the executable, lowercase hex (computed only when an entry needs it).
+    /// SHA-256 of the executable, lowercase hex (computed only when a candidate entry
+    /// needs it).
     pub sha256: Option<String>,
 }
 
@@ -62,23 +84,43 @@ impl Caller {
             Selector::Sha256(h) => self.sha256.as_deref() == Some(h.as_str()),
         }
     }
+
+    /// True when some entry uses `unix:sha256` and all its other selectors match: only
+    /// then is the executable worth hashing.
+    fn needs_sha256(&self, entries: &[RegistrationEntry]) -> bool {
+        entries.iter().any(|e| {
+            e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))
+                && e.selectors
+                    .iter()
+                    .all(|s| matches!(s, Selector::Sha256(_)) || self.matches_one(s))
+        })
+    }
 }
 
-/// Attests the peer of a connection. `want_sha256` asks for the executable's hash (costly
-/// for big binaries, so only when some registration entry uses `unix:sha256:`).
-pub fn attest(peer: &PeerInfo, want_sha256: bool) -> Result<Caller, AttestError> {
-    if let Some(c) = peer.cred {
-        return attest_pid(c.pid, c.uid, c.gid, want_sha256);
+fn uses(entries: &[RegistrationEntry], f: impl Fn(&Selector) -> bool) -> bool {
+    entries.iter().any(|e| e.selectors.iter().any(&f))
+}
+
+/// Attests the peer of a connection against the registration `entries` (which decide
+/// what is worth looking up). Blocking: run it on the blocking pool.
+pub fn attest(peer: &PeerInfo, entries: &[RegistrationEntry]) -> Result<Caller, AttestError> {
+    if let Some(c) = &peer.cred {
+        return attest_unix(c, entries);
     }
     if let (Some(remote), Some(local)) = (peer.remote, peer.local) {
         let uid = tcp_owner(remote, local).ok_or_else(|| {
             AttestError::Unknown(format!("no local socket owner found for TCP peer {remote}"))
         })?;
+        let user = if uses(entries, |s| matches!(s, Selector::User(_))) {
+            user_name(uid)
+        } else {
+            None
+        };
         return Ok(Caller {
             pid: None,
             uid,
             gid: None,
-            user: user_name(uid),
+            user,
             group: None,
             path: None,
             sha256: None,
@@ -101,14 +143,6 @@ fn group_name(gid: u32) -> Option<String> {
         .map(|g| g.name)
 }
 
-/// Field 22 of `/proc/<pid>/stat`: the start time, which differs for a reused pid.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 fn proc_uid(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
@@ -116,44 +150,165 @@ fn proc_uid(pid: i32) -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-fn hash_file(path: &str) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn attest_pid(pid: i32, uid: u32, gid: u32, want_sha256: bool) -> Result<Caller, AttestError> {
+fn attest_unix(c: &PeerCred, entries: &[RegistrationEntry]) -> Result<Caller, AttestError> {
+    let (pid, uid, gid) = (c.pid, c.uid, c.gid);
     let mut caller = Caller {
         pid: Some(pid),
         uid,
         gid: Some(gid),
-        user: user_name(uid),
-        group: group_name(gid),
+        user: None,
+        group: None,
         path: None,
         sha256: None,
     };
-    // Without /proc for this pid (another pid namespace), only uid/gid selectors can match.
-    let Some(before) = start_time(pid) else {
+    if uses(entries, |s| matches!(s, Selector::User(_))) {
+        caller.user = user_name(uid);
+    }
+    if uses(entries, |s| matches!(s, Selector::Group(_))) {
+        caller.group = group_name(gid);
+    }
+    // Without a binding (not from an accepted socket) nothing ties the pid to the
+    // connection: uid/gid only. Without /proc for this pid (another pid namespace), too.
+    let Some(binding) = &c.binding else {
         return Ok(caller);
     };
-    let exe = format!("/proc/{pid}/exe");
-    caller.path = std::fs::read_link(&exe).ok();
-    if want_sha256 {
-        caller.sha256 = hash_file(&exe);
+    let Some(verified) = binding.verify()? else {
+        return Ok(caller);
+    };
+    if verified.identity.exe.is_some() {
+        caller.path = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     }
-    // Same process still there, and still the owner the kernel told us about?
-    if start_time(pid) != Some(before) || proc_uid(pid) != Some(uid) {
+    if caller.path.is_some() && caller.needs_sha256(entries) {
+        caller.sha256 = DIGESTS.of_process(pid, &verified.identity);
+    }
+    // Same process, same program, still the owner the kernel told us about?
+    if !binding.still_same(&verified.identity) || proc_uid(pid) != Some(uid) {
         return Err(AttestError::Raced { pid });
     }
     Ok(caller)
+}
+
+/// One version of one file: a changed file gets a new key (ctime cannot be set back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DigestEntry {
+    /// `None`: over [`MAX_HASHED_EXE`] (already warned about).
+    sha256: Option<String>,
+    hashes: u64,
+}
+
+/// Executable digests, one per file version. Process-wide: a file's digest does not
+/// depend on which server asks.
+#[derive(Debug, Default)]
+struct DigestCache {
+    map: Mutex<HashMap<FileKey, DigestEntry>>,
+}
+
+static DIGESTS: LazyLock<DigestCache> = LazyLock::new(DigestCache::default);
+
+impl DigestCache {
+    fn lookup(&self, key: &FileKey) -> Option<DigestEntry> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).cloned()
+    }
+
+    fn insert(&self, key: FileKey, sha256: Option<String>, hashed: bool) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= DIGEST_CACHE_ENTRIES
+            && !map.contains_key(&key)
+            && let Some(k) = map.keys().next().copied()
+        {
+            map.remove(&k);
+        }
+        let e = map.entry(key).or_insert(DigestEntry {
+            sha256: None,
+            hashes: 0,
+        });
+        e.sha256 = sha256;
+        e.hashes += u64::from(hashed);
+    }
+
+    /// The digest of what process `pid` runs, if it is still `identity`'s executable
+    /// and not over the size cap.
+    fn of_process(&self, pid: i32, identity: &ProcIdentity) -> Option<String> {
+        let mut f = std::fs::File::open(format!("/proc/{pid}/exe")).ok()?;
+        let m = f.metadata().ok()?;
+        if Some((m.dev(), m.ino())) != identity.exe {
+            return None; // exec'd meanwhile: the final check denies
+        }
+        let key = FileKey::of(&m);
+        if let Some(e) = self.lookup(&key) {
+            return e.sha256;
+        }
+        if m.size() > MAX_HASHED_EXE {
+            tracing::warn!(
+                pid,
+                size = m.size(),
+                max = MAX_HASHED_EXE,
+                "executable too large to hash: unix:sha256 selectors do not match it (logged once per file)"
+            );
+            self.insert(key, None, false);
+            return None;
+        }
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        // Read at most the cap even if the file grows meanwhile (the key check catches it).
+        let mut limited = (&mut f).take(MAX_HASHED_EXE);
+        loop {
+            let n = limited.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        // Changed while we read: neither trust nor cache it.
+        if f.metadata().map(|m| FileKey::of(&m)).ok() != Some(key) {
+            return None;
+        }
+        self.insert(key, Some(hex.clone()), true);
+        Some(hex)
+    }
+}
+
+/// How many times the file at `path` (its current version) was read to compute its
+/// digest, and whether it was found over [`MAX_HASHED_EXE`]: the cache's statistics, for
+/// tests and debugging. `None` when attestation never looked at it.
+pub fn digest_stats(path: &Path) -> Option<DigestStats> {
+    let m = std::fs::metadata(path).ok()?;
+    DIGESTS.lookup(&FileKey::of(&m)).map(|e| DigestStats {
+        hashes: e.hashes,
+        too_large: e.sha256.is_none(),
+    })
+}
+
+/// What the executable digest cache knows about one file (see [`digest_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestStats {
+    /// Times the file was read and hashed.
+    pub hashes: u64,
+    /// True when it is over the size cap and was not hashed.
+    pub too_large: bool,
 }
 
 /// The uid owning the local TCP socket at `remote` connected to our `local`, from
@@ -196,23 +351,47 @@ fn tcp_owner(remote: SocketAddr, local: SocketAddr) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::PeerCred;
+    use crate::peer::{Binding, PeerCred};
 
-    fn me() -> Caller {
-        let pid = i32::try_from(std::process::id()).unwrap();
-        let uid = nix::unistd::geteuid().as_raw();
-        let gid = nix::unistd::getegid().as_raw();
-        let peer = PeerInfo {
-            cred: Some(PeerCred { pid, uid, gid }),
-            ..PeerInfo::default()
-        };
-        attest(&peer, true).unwrap()
+    fn entry(selectors: Vec<Selector>) -> RegistrationEntry {
+        RegistrationEntry {
+            spiffe_id: registry::spiffe::SpiffeId::parse("spiffe://example.org/t").unwrap(),
+            selectors,
+            hint: None,
+            ttl: None,
+        }
+    }
+
+    /// Our own process as the peer of a real connection.
+    fn me(entries: &[RegistrationEntry]) -> Result<Caller, AttestError> {
+        let d = tempfile::tempdir().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(d.path().join("s")).unwrap();
+        let _c = std::os::unix::net::UnixStream::connect(d.path().join("s")).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let peer = rt.block_on(async {
+            let s = tokio::net::UnixStream::from_std(s).unwrap();
+            crate::peer::unix_peer(&s)
+        });
+        attest(&peer, entries)
     }
 
     #[test]
     fn own_process_is_attested_with_path_and_hash() {
-        let c = me();
         let exe = std::env::current_exe().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let all = [
+            entry(vec![Selector::Uid(uid), Selector::Sha256("0".repeat(64))]),
+            entry(vec![
+                Selector::User("x".into()),
+                Selector::Group("x".into()),
+            ]),
+        ];
+        let c = me(&all).unwrap();
         assert_eq!(c.path.as_deref(), Some(exe.as_path()));
         let hash = c.sha256.clone().unwrap();
         assert_eq!(hash.len(), 64);
@@ -229,19 +408,41 @@ mod tests {
     }
 
     #[test]
+    fn no_hash_unless_a_candidate_entry_needs_it() {
+        let uid = nix::unistd::geteuid().as_raw();
+        let other = [entry(vec![
+            Selector::Uid(uid + 1),
+            Selector::Sha256("0".repeat(64)),
+        ])];
+        let c = me(&other).unwrap();
+        assert_eq!(c.sha256, None, "uid does not match: nothing to hash");
+        assert_eq!(c.user, None, "no unix:user selector: no lookup");
+        let plain = [entry(vec![Selector::Uid(uid)])];
+        assert_eq!(me(&plain).unwrap().sha256, None);
+    }
+
+    #[test]
     fn pid_with_another_owner_is_rejected() {
-        // Claim pid 1 belongs to an unlikely uid: the re-check against /proc catches it.
+        // Claim a child of ours belongs to an unlikely uid: the re-check against /proc
+        // catches it.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
         let peer = PeerInfo {
             cred: Some(PeerCred {
-                pid: 1,
+                pid,
                 uid: 4_000_000,
                 gid: 0,
+                binding: Some(Binding::new(pid, None, None)),
             }),
             ..PeerInfo::default()
         };
-        if std::path::Path::new("/proc/1/stat").exists() {
-            assert_eq!(attest(&peer, false), Err(AttestError::Raced { pid: 1 }));
-        }
+        let r = attest(&peer, &[]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(r, Err(AttestError::Raced { pid }));
     }
 
     #[test]
@@ -254,7 +455,7 @@ mod tests {
             remote: Some(remote),
             local: Some(s.local_addr().unwrap()),
         };
-        let caller = attest(&peer, false).unwrap();
+        let caller = attest(&peer, &[]).unwrap();
         assert_eq!(caller.uid, nix::unistd::geteuid().as_raw());
         drop(c);
     }

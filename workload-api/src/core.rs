@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::attestor::{self, AttestError, Caller};
-use crate::endpoint::PeerInfo;
-use crate::state::{Snapshot, SvidCache};
+use crate::peer::PeerInfo;
+use crate::state::{Snapshot, SvidCache, SvidError};
 
 /// The message a caller with no matching registration entry gets.
 pub const NO_IDENTITY: &str = "no identity issued";
@@ -40,22 +40,33 @@ pub struct Granted {
 }
 
 impl Core {
-    /// Attests the caller of `req` from its connection's peer facts.
-    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, Status> {
-        let peer = req
-            .extensions()
+    /// The peer facts of `req`'s connection (empty when the transport recorded none, which
+    /// then attests as nobody).
+    pub fn peer<T>(req: &tonic::Request<T>) -> PeerInfo {
+        req.extensions()
             .get::<PeerInfo>()
             .cloned()
-            .unwrap_or_default();
-        let want_sha = self.snapshot.borrow().needs_sha256;
-        attestor::attest(&peer, want_sha).map_err(|e| {
-            tracing::warn!(error = %e, ?peer, "caller attestation failed");
-            match e {
-                AttestError::Unknown(_) | AttestError::Raced { .. } => {
-                    Status::permission_denied(e.to_string())
-                }
-            }
-        })
+            .unwrap_or_default()
+    }
+
+    /// Attests `peer` against `snap`'s registration entries, on the blocking pool (`/proc`
+    /// reads, user/group lookups and executable hashing block). Call it again for each
+    /// snapshot: entries decide what is looked up, and the connection's binding to its
+    /// process is re-checked every time.
+    pub async fn attest(&self, peer: &PeerInfo, snap: &Arc<Snapshot>) -> Result<Caller, Status> {
+        let (p, s) = (peer.clone(), snap.clone());
+        let res = tokio::task::spawn_blocking(move || attestor::attest(&p, &s.entries))
+            .await
+            .map_err(|e| Status::unavailable(format!("attestation task failed: {e}")))?;
+        res.map_err(|e| attest_status(&e, peer))
+    }
+
+    /// Attests the caller of `req` on the calling thread (blocking). Prefer
+    /// [`Core::attest`] from async code; this stays for callers not yet moved over.
+    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, Status> {
+        let peer = Self::peer(req);
+        let snap = self.snapshot.borrow().clone();
+        attestor::attest(&peer, &snap.entries).map_err(|e| attest_status(&e, &peer))
     }
 
     /// The entries whose selectors all match `caller`, in config order (the first is the
@@ -73,14 +84,40 @@ impl Core {
             .filter(|e| seen.insert(e.spiffe_id.clone()))
             .collect();
         if v.is_empty() {
-            tracing::info!(uid = caller.uid, pid = ?caller.pid, path = ?caller.path, "no registration entry matches the caller");
+            tracing::info!(path = ?caller.path, "no registration entry matches the caller");
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         Ok(v)
     }
 
     /// The caller's identities with current X.509-SVIDs, and when the first of them is due
-    /// for rotation.
+    /// for rotation. Signing, when due, runs on the blocking pool.
+    pub async fn grant(
+        &self,
+        snap: &Snapshot,
+        caller: &Caller,
+    ) -> Result<(Vec<Granted>, SystemTime), Status> {
+        let entries = self.entries(snap, caller)?;
+        let mut next = SystemTime::now() + Duration::from_secs(3600);
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let ttl = e.ttl.unwrap_or(snap.svid_ttl);
+            let (svid, rotate_at) = self
+                .cache
+                .get(&self.authority, &e.spiffe_id, ttl)
+                .await
+                .map_err(|err| issue_status(&err, e))?;
+            next = next.min(rotate_at);
+            out.push(Granted {
+                entry: e.clone(),
+                svid,
+            });
+        }
+        Ok((out, next))
+    }
+
+    /// Like [`Core::grant`], signing on the calling thread (blocking). Prefer
+    /// [`Core::grant`] from async code; this stays for callers not yet moved over.
     pub fn granted(
         &self,
         snap: &Snapshot,
@@ -91,13 +128,10 @@ impl Core {
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             let ttl = e.ttl.unwrap_or(snap.svid_ttl);
-            let (svid, rotate_at) =
-                self.cache
-                    .get(&self.authority, &e.spiffe_id, ttl)
-                    .map_err(|err| {
-                        tracing::error!(error = %err, id = %e.spiffe_id, "cannot issue X.509-SVID");
-                        Status::unavailable(format!("cannot issue X.509-SVID: {err}"))
-                    })?;
+            let (svid, rotate_at) = self
+                .cache
+                .get_blocking(&self.authority, &e.spiffe_id, ttl)
+                .map_err(|err| issue_status(&err, e))?;
             next = next.min(rotate_at);
             out.push(Granted {
                 entry: e.clone(),
@@ -106,6 +140,20 @@ impl Core {
         }
         Ok((out, next))
     }
+}
+
+fn attest_status(e: &AttestError, peer: &PeerInfo) -> Status {
+    tracing::warn!(error = %e, ?peer, "caller attestation failed");
+    match e {
+        AttestError::Unknown(_) | AttestError::Raced { .. } | AttestError::Unbound(_) => {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+fn issue_status(err: &SvidError, e: &RegistrationEntry) -> Status {
+    tracing::error!(error = %err, id = %e.spiffe_id, "cannot issue X.509-SVID");
+    Status::unavailable(format!("cannot issue X.509-SVID: {err}"))
 }
 
 /// The tokio instant of a wall-clock deadline (now if it has passed), plus a millisecond so

@@ -242,48 +242,116 @@ struct Cached {
     issuer: Option<String>,
 }
 
+impl Cached {
+    fn new(svid: X509Svid, issuer: Option<String>, now: SystemTime) -> Self {
+        let life = svid.not_after.duration_since(now).unwrap_or_default();
+        let jitter: f64 = rand::random_range(0.9..1.1);
+        tracing::debug!(id = %svid.spiffe_id, serial = %svid.serial, ?life, "issued X.509-SVID");
+        Cached {
+            svid: Arc::new(svid),
+            rotate_at: now + life.mul_f64(0.5 * jitter),
+            issuer,
+        }
+    }
+
+    /// The SVID while it is not due for rotation and its issuer is still the active one.
+    fn fresh(
+        &self,
+        now: SystemTime,
+        issuer: &Option<String>,
+    ) -> Option<(Arc<X509Svid>, SystemTime)> {
+        (now < self.rotate_at && self.issuer == *issuer)
+            .then(|| (self.svid.clone(), self.rotate_at))
+    }
+}
+
+/// Why the cache could not hand out an X.509-SVID.
+#[derive(Debug, thiserror::Error)]
+pub enum SvidError {
+    /// The CA refused or failed to sign.
+    #[error(transparent)]
+    Issue(#[from] attest::Error),
+    /// The blocking task that signs panicked or was cancelled (shutdown).
+    #[error("X.509-SVID signing task did not complete: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// One identity's current SVID. Its async lock is held across signing, so concurrent
+/// misses for the same identity wait for one signature instead of each making one.
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
 /// X.509-SVIDs shared by every stream for the same identity, re-issued at half-life
-/// (+/-10% jitter) or when the CA's issuing intermediate changes.
+/// (+/-10% jitter) or when the CA's issuing intermediate changes. The map's std lock is
+/// only held to find a slot: signing (tens of ms with a TPM) never blocks other identities.
 #[derive(Debug, Default)]
 pub struct SvidCache {
-    map: Mutex<HashMap<(SpiffeId, Duration), Cached>>,
+    map: Mutex<HashMap<(SpiffeId, Duration), Slot>>,
 }
 
 impl SvidCache {
-    /// The current SVID for `id` with lifetime `ttl`, issuing a new one when due; returns it
-    /// with the instant it should next be rotated.
-    pub fn get(
+    fn slot(&self, id: &SpiffeId, ttl: Duration) -> Slot {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((id.clone(), ttl)).or_default().clone()
+    }
+
+    /// Identities no longer asked for (entry removed) must not pile up: drops expired ones
+    /// nobody is using.
+    fn sweep(&self, now: SystemTime) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, slot| match slot.try_lock() {
+            Ok(c) => c.as_ref().is_some_and(|c| c.svid.not_after > now),
+            Err(_) => true, // being signed right now
+        });
+    }
+
+    /// The current SVID for `id` with lifetime `ttl`, issuing a new one (on the blocking
+    /// pool) when due; returns it with the instant it should next be rotated.
+    pub async fn get(
+        &self,
+        authority: &Arc<Authority>,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(Arc<X509Svid>, SystemTime), SvidError> {
+        let slot = self.slot(id, ttl);
+        let mut cur = slot.lock().await;
+        let now = SystemTime::now();
+        let issuer = authority.active_issuer_serial();
+        if let Some(hit) = cur.as_ref().and_then(|c| c.fresh(now, &issuer)) {
+            return Ok(hit);
+        }
+        let (ca, sid) = (authority.clone(), id.clone());
+        let svid = tokio::task::spawn_blocking(move || ca.issue_x509_svid(&sid, ttl)).await??;
+        let c = Cached::new(svid, issuer, now);
+        let out = (c.svid.clone(), c.rotate_at);
+        *cur = Some(c);
+        drop(cur);
+        self.sweep(now);
+        Ok(out)
+    }
+
+    /// Like [`SvidCache::get`] for callers off the async runtime (or not yet async): signs
+    /// on the calling thread, without holding any lock meanwhile.
+    pub fn get_blocking(
         &self,
         authority: &Authority,
         id: &SpiffeId,
         ttl: Duration,
-    ) -> Result<(Arc<X509Svid>, SystemTime), attest::Error> {
+    ) -> Result<(Arc<X509Svid>, SystemTime), SvidError> {
+        let slot = self.slot(id, ttl);
         let now = SystemTime::now();
         let issuer = authority.active_issuer_serial();
-        let key = (id.clone(), ttl);
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(&key)
-            && now < c.rotate_at
-            && c.issuer == issuer
+        if let Ok(cur) = slot.try_lock()
+            && let Some(hit) = cur.as_ref().and_then(|c| c.fresh(now, &issuer))
         {
-            return Ok((c.svid.clone(), c.rotate_at));
+            return Ok(hit);
         }
-        let svid = Arc::new(authority.issue_x509_svid(id, ttl)?);
-        let life = svid.not_after.duration_since(now).unwrap_or_default();
-        let jitter: f64 = rand::random_range(0.9..1.1);
-        let rotate_at = now + life.mul_f64(0.5 * jitter);
-        tracing::debug!(%id, serial = %svid.serial, ?life, "issued X.509-SVID");
-        // Identities no longer asked for (entry removed) must not pile up: drop expired ones.
-        map.retain(|_, c| c.svid.not_after > now);
-        map.insert(
-            key,
-            Cached {
-                svid: svid.clone(),
-                rotate_at,
-                issuer,
-            },
-        );
-        Ok((svid, rotate_at))
+        let c = Cached::new(authority.issue_x509_svid(id, ttl)?, issuer, now);
+        let out = (c.svid.clone(), c.rotate_at);
+        if let Ok(mut cur) = slot.try_lock() {
+            *cur = Some(c);
+        }
+        self.sweep(now);
+        Ok(out)
     }
 }
 
@@ -311,22 +379,163 @@ mod tests {
             let other = SpiffeId::parse(&format!("spiffe://example.org/{}", rand::random::<u32>()))
                 .unwrap();
             let now = SystemTime::now();
-            let (_, at) = cache.get(&ca, &other, ttl).unwrap();
+            let (_, at) = cache.get_blocking(&ca, &other, ttl).unwrap();
             let half = at.duration_since(now).unwrap().as_secs_f64();
             assert!(
                 (445.0..=551.0).contains(&half),
                 "rotation at {half} s of 1000 s"
             );
         }
-        let (a, _) = cache.get(&ca, &id, ttl).unwrap();
-        let (b, _) = cache.get(&ca, &id, ttl).unwrap();
+        let (a, _) = cache.get_blocking(&ca, &id, ttl).unwrap();
+        let (b, _) = cache.get_blocking(&ca, &id, ttl).unwrap();
         assert_eq!(a.serial, b.serial, "shared until rotation");
         // A CA rotation (new intermediate) invalidates it.
         ca.rotate(SystemTime::now() + Duration::from_secs(3000))
             .unwrap();
         ca.rotate(SystemTime::now() + Duration::from_secs(3400))
             .unwrap();
-        let (c, _) = cache.get(&ca, &id, ttl).unwrap();
+        let (c, _) = cache.get_blocking(&ca, &id, ttl).unwrap();
         assert_ne!(a.serial, c.serial);
+    }
+
+    /// A key store whose signers take `delay` ms per signature (a TPM takes tens of ms)
+    /// and count them.
+    #[derive(Debug)]
+    struct SlowKeys {
+        inner: attest::SoftwareKeyStore,
+        delay_ms: Arc<std::sync::atomic::AtomicU64>,
+        signs: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    #[derive(Debug)]
+    struct SlowSigner {
+        inner: Arc<dyn attest::Signer>,
+        delay_ms: Arc<std::sync::atomic::AtomicU64>,
+        signs: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl attest::Signer for SlowSigner {
+        fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+            self.inner.algorithm()
+        }
+        fn public_key_raw(&self) -> &[u8] {
+            self.inner.public_key_raw()
+        }
+        fn sign(&self, msg: &[u8]) -> attest::Result<Vec<u8>> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.signs.fetch_add(1, Relaxed);
+            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Relaxed)));
+            self.inner.sign(msg)
+        }
+    }
+
+    impl SlowKeys {
+        fn wrap(&self, s: Arc<dyn attest::Signer>) -> Arc<dyn attest::Signer> {
+            Arc::new(SlowSigner {
+                inner: s,
+                delay_ms: self.delay_ms.clone(),
+                signs: self.signs.clone(),
+            })
+        }
+    }
+
+    impl attest::KeyStore for SlowKeys {
+        fn generate(&self, name: &str) -> attest::Result<Arc<dyn attest::Signer>> {
+            self.inner.generate(name).map(|s| self.wrap(s))
+        }
+        fn load(&self, name: &str) -> attest::Result<Arc<dyn attest::Signer>> {
+            self.inner.load(name).map(|s| self.wrap(s))
+        }
+        fn remove(&self, name: &str) -> attest::Result<()> {
+            self.inner.remove(name)
+        }
+    }
+
+    fn slow_ca(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<Authority>,
+        Arc<std::sync::atomic::AtomicU64>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let signs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ca = Authority::open(
+            attest::AuthorityConfig {
+                trust_domain: TrustDomain::parse("example.org").unwrap(),
+                state_dir: dir.to_owned(),
+                root_ttl: Duration::from_secs(36000),
+                ca_ttl: Duration::from_secs(3600),
+            },
+            Arc::new(SlowKeys {
+                inner: attest::SoftwareKeyStore::new(dir.join("keys")),
+                delay_ms: delay_ms.clone(),
+                signs: signs.clone(),
+            }),
+        )
+        .unwrap();
+        (ca, delay_ms, signs)
+    }
+
+    /// Issue 9 (3): a slow signature for one identity must not hold up a cache hit for
+    /// another (the old cache signed under its std Mutex).
+    #[test]
+    fn a_slow_signature_does_not_block_other_identities() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = tempfile::tempdir().unwrap();
+        let (ca, delay_ms, _) = slow_ca(d.path());
+        let cache = Arc::new(SvidCache::default());
+        let ttl = Duration::from_secs(1000);
+        let hot = SpiffeId::parse("spiffe://example.org/hot").unwrap();
+        let cold = SpiffeId::parse("spiffe://example.org/cold").unwrap();
+        cache.get_blocking(&ca, &hot, ttl).unwrap();
+        delay_ms.store(1500, Relaxed);
+        let signing = {
+            let (cache, ca) = (cache.clone(), ca.clone());
+            std::thread::spawn(move || cache.get_blocking(&ca, &cold, ttl).map(|_| ()))
+        };
+        std::thread::sleep(Duration::from_millis(200)); // the cold signature is under way
+        let t = std::time::Instant::now();
+        cache.get_blocking(&ca, &hot, ttl).unwrap();
+        let waited = t.elapsed();
+        signing.join().unwrap().unwrap();
+        assert!(
+            waited < Duration::from_millis(500),
+            "a cached SVID waited {waited:?} for another identity's signature"
+        );
+    }
+
+    /// Concurrent misses for one identity sign once, on the blocking pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_sign_once() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = tempfile::tempdir().unwrap();
+        let (ca, delay_ms, signs) = slow_ca(d.path());
+        delay_ms.store(100, Relaxed);
+        let before = signs.load(Relaxed);
+        let cache = Arc::new(SvidCache::default());
+        let id = SpiffeId::parse("spiffe://example.org/a").unwrap();
+        let ttl = Duration::from_secs(1000);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, ca, id) = (cache.clone(), ca.clone(), id.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get(&ca, &id, ttl)
+                        .await
+                        .map(|(s, _)| s.serial.clone())
+                })
+            })
+            .collect();
+        let mut serials = std::collections::HashSet::new();
+        for t in tasks {
+            serials.insert(t.await.unwrap().unwrap());
+        }
+        assert_eq!(serials.len(), 1, "one SVID shared by all");
+        assert_eq!(
+            signs.load(Relaxed) - before,
+            1,
+            "one signature for eight misses"
+        );
     }
 }

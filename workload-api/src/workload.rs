@@ -3,14 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use registry::config::RegistrationEntry;
 use registry::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use crate::core::{Core, instant_of};
+use crate::core::{Core, Granted, instant_of};
+use crate::peer::PeerInfo;
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::*;
 use crate::state::Snapshot;
@@ -34,31 +38,75 @@ pub fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> 
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     core: Arc<Core>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl WorkloadApi {
     /// A service over the shared core.
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        Self {
+            core,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// The span every log line of one call (or stream) is written in: its id, the RPC and
+    /// the peer, so no log line has to repeat them.
+    fn span(&self, rpc: &'static str, peer: &PeerInfo) -> tracing::Span {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (pid, uid) = peer
+            .cred
+            .as_ref()
+            .map_or((None, None), |c| (Some(c.pid), Some(c.uid)));
+        let remote = peer.remote.map(|a| a.to_string());
+        tracing::info_span!("workload_api", stream = id, rpc, pid, uid, remote)
     }
 }
 
 type Push<M> = ReceiverStream<Result<M, Status>>;
-type Make<M> = dyn Fn(&Core, &Snapshot) -> Result<(M, Option<SystemTime>), Status> + Send + Sync;
+type Make<M> = dyn Fn(&Snapshot, &[Granted]) -> M + Send + Sync;
+
+/// Attests `peer` against `snap` (re-checking its binding to the connection) and, when
+/// `svids`, grants its X.509-SVIDs; else only checks it has an identity.
+async fn evaluate(
+    core: &Core,
+    peer: &PeerInfo,
+    snap: &Arc<Snapshot>,
+    svids: bool,
+) -> Result<(Vec<Granted>, Option<SystemTime>), Status> {
+    let caller = core.attest(peer, snap).await?;
+    if svids {
+        let (granted, next) = core.grant(snap, &caller).await?;
+        Ok((granted, Some(next)))
+    } else {
+        core.entries(snap, &caller)?;
+        Ok((Vec::new(), None))
+    }
+}
 
 /// Sends `make`'s message at once, then again whenever the snapshot changes or the
-/// deadline `make` returned passes, skipping messages equal to the last one sent. The
-/// first failure is returned as the RPC's status.
-async fn push<M>(core: Arc<Core>, make: Box<Make<M>>) -> Result<Response<Push<M>>, Status>
+/// rotation deadline passes, skipping messages equal to the last one sent. The caller is
+/// attested again at each of these (so a process that exec'd or handed its connection
+/// over loses the stream). The first failure is returned as the RPC's status.
+async fn push<M>(
+    core: Arc<Core>,
+    peer: PeerInfo,
+    span: tracing::Span,
+    svids: bool,
+    make: Box<Make<M>>,
+) -> Result<Response<Push<M>>, Status>
 where
     M: PartialEq + Clone + Send + Sync + 'static,
 {
     let mut snap_rx = core.snapshot.clone();
     let snap = snap_rx.borrow_and_update().clone();
-    let (first, mut next) = make(&core, &snap)?;
+    let (granted, mut next) = evaluate(&core, &peer, &snap, svids)
+        .instrument(span.clone())
+        .await?;
+    let first = make(&snap, &granted);
     let (tx, rx) = mpsc::channel(4);
     let _ = tx.send(Ok(first.clone())).await;
-    tokio::spawn(async move {
+    let task = async move {
         let mut last = first;
         loop {
             let deadline = next.map(instant_of);
@@ -72,9 +120,10 @@ where
                 } } => {}
             }
             let snap = snap_rx.borrow_and_update().clone();
-            match make(&core, &snap) {
-                Ok((msg, n)) => {
+            match evaluate(&core, &peer, &snap, svids).await {
+                Ok((granted, n)) => {
                     next = n;
+                    let msg = make(&snap, &granted);
                     if msg != last {
                         if tx.send(Ok(msg.clone())).await.is_err() {
                             return;
@@ -83,12 +132,14 @@ where
                     }
                 }
                 Err(status) => {
+                    tracing::info!(code = ?status.code(), message = status.message(), "stream ends");
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
             }
         }
-    });
+    };
+    tokio::spawn(task.instrument(span));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -112,11 +163,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let span = self.span("FetchX509SVID", &peer);
         push(
             self.core.clone(),
-            Box::new(move |core, snap| {
-                let (granted, next) = core.granted(snap, &caller)?;
+            peer,
+            span,
+            true,
+            Box::new(|snap, granted| {
                 let bundle = snap.own.x509.concat();
                 let svids = granted
                     .iter()
@@ -130,14 +184,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     .collect();
                 let mut federated = x509_bundles(snap);
                 federated.remove(&td_key(&snap.trust_domain));
-                Ok((
-                    X509svidResponse {
-                        svids,
-                        crl: vec![],
-                        federated_bundles: federated,
-                    },
-                    Some(next),
-                ))
+                X509svidResponse {
+                    svids,
+                    crl: vec![],
+                    federated_bundles: federated,
+                }
             }),
         )
         .await
@@ -149,18 +200,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let span = self.span("FetchX509Bundles", &peer);
         push(
             self.core.clone(),
-            Box::new(move |core, snap| {
-                core.entries(snap, &caller)?;
-                Ok((
-                    X509BundlesResponse {
-                        crl: vec![],
-                        bundles: x509_bundles(snap),
-                    },
-                    None,
-                ))
+            peer,
+            span,
+            false,
+            Box::new(|snap, _| X509BundlesResponse {
+                crl: vec![],
+                bundles: x509_bundles(snap),
             }),
         )
         .await
@@ -170,37 +219,49 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let span = self.span("FetchJWTSVID", &peer);
         let req = request.into_inner();
-        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
-        let snap = self.core.snapshot.borrow().clone();
-        let mut entries = self.core.entries(&snap, &caller)?;
-        if !req.spiffe_id.is_empty() {
-            let want = SpiffeId::parse(&req.spiffe_id)
-                .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
-            entries.retain(|e| e.spiffe_id == want);
-            if entries.is_empty() {
-                return Err(Status::permission_denied(format!(
-                    "no identity issued for {want}"
-                )));
+        async move {
+            let snap = self.core.snapshot.borrow().clone();
+            let caller = self.core.attest(&peer, &snap).await?;
+            if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("audience must be specified"));
             }
+            let mut entries = self.core.entries(&snap, &caller)?;
+            if !req.spiffe_id.is_empty() {
+                let want = SpiffeId::parse(&req.spiffe_id)
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+                entries.retain(|e| e.spiffe_id == want);
+                if entries.is_empty() {
+                    return Err(Status::permission_denied(format!(
+                        "no identity issued for {want}"
+                    )));
+                }
+            }
+            let entries: Vec<RegistrationEntry> = entries.into_iter().cloned().collect();
+            let (authority, ttl) = (self.core.authority.clone(), snap.jwt_svid_ttl);
+            // A JWT signature may take tens of ms (TPM): not on the async workers.
+            let svids = tokio::task::spawn_blocking(move || {
+                entries
+                    .iter()
+                    .map(|e| {
+                        let jwt = authority.issue_jwt_svid(&e.spiffe_id, &req.audience, ttl)?;
+                        Ok(Jwtsvid {
+                            spiffe_id: e.spiffe_id.to_string(),
+                            svid: jwt.token,
+                            hint: e.hint.clone().unwrap_or_default(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, attest::Error>>()
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("JWT-SVID signing task failed: {e}")))?
+            .map_err(|err| Status::unavailable(format!("cannot issue JWT-SVID: {err}")))?;
+            Ok(Response::new(JwtsvidResponse { svids }))
         }
-        let mut svids = Vec::with_capacity(entries.len());
-        for e in entries {
-            let jwt = self
-                .core
-                .authority
-                .issue_jwt_svid(&e.spiffe_id, &req.audience, snap.jwt_svid_ttl)
-                .map_err(|err| Status::unavailable(format!("cannot issue JWT-SVID: {err}")))?;
-            svids.push(Jwtsvid {
-                spiffe_id: e.spiffe_id.to_string(),
-                svid: jwt.token,
-                hint: e.hint.clone().unwrap_or_default(),
-            });
-        }
-        Ok(Response::new(JwtsvidResponse { svids }))
+        .instrument(span)
+        .await
     }
 
     type FetchJWTBundlesStream = Push<JwtBundlesResponse>;
@@ -209,41 +270,57 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let span = self.span("FetchJWTBundles", &peer);
         push(
             self.core.clone(),
-            Box::new(move |core, snap| {
-                core.entries(snap, &caller)?;
+            peer,
+            span,
+            false,
+            Box::new(|snap, _| {
                 let bundles = snap
                     .all_bundles()
                     .into_iter()
                     .filter(|(_, b)| !b.jwt.is_empty())
                     .map(|(td, b)| (td_key(&td), b.jwt.to_jwks()))
                     .collect();
-                Ok((JwtBundlesResponse { bundles }, None))
+                JwtBundlesResponse { bundles }
             }),
         )
         .await
     }
 
+    /// Least privilege, unlike SPIRE: only callers with a registration entry may validate
+    /// (the same rule as FetchJWTBundles); the socket is open to every local user, and
+    /// validation is an oracle for stolen tokens and their claims.
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let peer = Core::peer(&request);
+        let span = self.span("ValidateJWTSVID", &peer);
         let req = request.into_inner();
-        if req.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
+        async move {
+            let snap = self.core.snapshot.borrow().clone();
+            let caller = self.core.attest(&peer, &snap).await?;
+            self.core.entries(&snap, &caller)?;
+            if req.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if req.svid.is_empty() {
+                return Err(Status::invalid_argument("svid must be specified"));
+            }
+            let bundles = snap.jwt_bundles();
+            let claims =
+                attest::jwt::validate(&req.svid, &req.audience, &bundles, SystemTime::now())
+                    .map_err(|e| Status::invalid_argument(format!("JWT-SVID {e}")))?;
+            Ok(Response::new(ValidateJwtsvidResponse {
+                spiffe_id: claims.spiffe_id.to_string(),
+                claims: Some(to_struct(claims.all)),
+            }))
         }
-        if req.svid.is_empty() {
-            return Err(Status::invalid_argument("svid must be specified"));
-        }
-        let bundles = self.core.snapshot.borrow().jwt_bundles();
-        let claims = attest::jwt::validate(&req.svid, &req.audience, &bundles, SystemTime::now())
-            .map_err(|e| Status::invalid_argument(format!("JWT-SVID {e}")))?;
-        Ok(Response::new(ValidateJwtsvidResponse {
-            spiffe_id: claims.spiffe_id.to_string(),
-            claims: Some(to_struct(claims.all)),
-        }))
+        .instrument(span)
+        .await
     }
 
     type FetchWITSVIDStream = Push<WitsvidResponse>;
