@@ -208,7 +208,7 @@ fn hostile_inputs_are_errors_or_incomplete_never_panics() {
             x ^= x << 5;
             buf.push(x as u8);
         }
-        let _ = d.decode(&buf, x % 2 == 0);
+        let _ = d.decode(&buf, x.is_multiple_of(2));
         x = x.wrapping_add(1);
     }
 }
