@@ -61,14 +61,6 @@ impl Core {
         res.map_err(|e| attest_status(&e, peer))
     }
 
-    /// Attests the caller of `req` on the calling thread (blocking). Prefer
-    /// [`Core::attest`] from async code; this stays for callers not yet moved over.
-    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, Status> {
-        let peer = Self::peer(req);
-        let snap = self.snapshot.borrow().clone();
-        attestor::attest(&peer, &snap.entries).map_err(|e| attest_status(&e, &peer))
-    }
-
     /// The entries whose selectors all match `caller`, in config order (the first is the
     /// default identity); `PermissionDenied` when there are none.
     pub fn entries<'a>(
@@ -106,31 +98,6 @@ impl Core {
                 .cache
                 .get(&self.authority, &e.spiffe_id, ttl)
                 .await
-                .map_err(|err| issue_status(&err, e))?;
-            next = next.min(rotate_at);
-            out.push(Granted {
-                entry: e.clone(),
-                svid,
-            });
-        }
-        Ok((out, next))
-    }
-
-    /// Like [`Core::grant`], signing on the calling thread (blocking). Prefer
-    /// [`Core::grant`] from async code; this stays for callers not yet moved over.
-    pub fn granted(
-        &self,
-        snap: &Snapshot,
-        caller: &Caller,
-    ) -> Result<(Vec<Granted>, SystemTime), Status> {
-        let entries = self.entries(snap, caller)?;
-        let mut next = SystemTime::now() + Duration::from_secs(3600);
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let ttl = e.ttl.unwrap_or(snap.svid_ttl);
-            let (svid, rotate_at) = self
-                .cache
-                .get_blocking(&self.authority, &e.spiffe_id, ttl)
                 .map_err(|err| issue_status(&err, e))?;
             next = next.min(rotate_at);
             out.push(Granted {

@@ -36,6 +36,7 @@ use xds::server::{
 
 use crate::attestor::Caller;
 use crate::core::{Core, instant_of};
+use crate::peer::PeerInfo;
 use crate::state::{Bundle, Snapshot};
 
 /// The type URL of SDS resources (the same constant as [`xds::type_url::SECRET`]).
@@ -154,7 +155,7 @@ fn disables_spiffe(node: &Node) -> bool {
 
 /// The requested secrets for `caller` (unknown names are left out, as Envoy expects), and
 /// when they next change by SVID rotation.
-fn secrets(
+async fn secrets(
     core: &Core,
     snap: &Snapshot,
     caller: &Caller,
@@ -163,7 +164,7 @@ fn secrets(
 ) -> Result<(Vec<Any>, SystemTime), Status> {
     // Each distinct name once: `default` asked 200,000 times is one secret, not 381 MB.
     let names = unique_names(names)?;
-    let (granted, next) = core.granted(snap, caller)?;
+    let (granted, next) = core.grant(snap, caller).await?;
     let all = snap.all_bundles();
     let own = (snap.trust_domain.clone(), &snap.own);
     let default_names: Vec<String>;
@@ -245,13 +246,16 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let snap = self.core.snapshot.borrow().clone();
+        let caller = self.core.attest(&peer, &snap).await?;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let span = stream_span(VARIANT, id, &peer_of(&request));
         let stream = StreamCore::new(self.metrics.clone(), VARIANT, id, span.clone());
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             core: self.core.clone(),
+            peer,
             caller,
             stream,
             exchange: Exchange::default(),
@@ -267,7 +271,9 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let caller = self.core.caller(&request)?;
+        let peer = Core::peer(&request);
+        let snap = self.core.snapshot.borrow().clone();
+        let caller = self.core.attest(&peer, &snap).await?;
         let req = request.into_inner();
         let plain = req.node.as_ref().is_some_and(disables_spiffe);
         if let Err(e) = check_names(req.resource_names.len()) {
@@ -275,8 +281,8 @@ impl SecretDiscoveryService for Sds {
             tracing::warn!(count = e.count, "SDS: FetchSecrets names too many secrets");
             return Err(e.into());
         }
-        let snap = self.core.snapshot.borrow().clone();
-        let (resources, _) = secrets(&self.core, &snap, &caller, &req.resource_names, plain)?;
+        let (resources, _) =
+            secrets(&self.core, &snap, &caller, &req.resource_names, plain).await?;
         self.metrics.response(SDS);
         Ok(Response::new(DiscoveryResponse {
             version_info: version_of(&resources),
@@ -291,6 +297,8 @@ impl SecretDiscoveryService for Sds {
 /// One `StreamSecrets` stream: the xDS stream core plus what SDS serves from.
 struct Session {
     core: Arc<Core>,
+    /// The connection's peer: attested again at every push (exec, hand-over, exit).
+    peer: PeerInfo,
     caller: Caller,
     /// Nonces, ACK/NACK detection, metrics, span, gauge: shared with ADS.
     stream: StreamCore,
@@ -397,11 +405,18 @@ impl Session {
 
     /// Sends the subscribed secrets if they changed since the last response (or `force`).
     /// Returns when they next change by rotation; `Err` when the stream must end.
-    async fn push(&mut self, snap: &Snapshot, force: bool) -> Result<Option<SystemTime>, ()> {
+    async fn push(&mut self, snap: &Arc<Snapshot>, force: bool) -> Result<Option<SystemTime>, ()> {
         let Some(names) = &self.names else {
             return Ok(None);
         };
-        match secrets(&self.core, snap, &self.caller, names, self.plain) {
+        self.caller = match self.core.attest(&self.peer, snap).await {
+            Ok(c) => c,
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                return Err(());
+            }
+        };
+        match secrets(&self.core, snap, &self.caller, names, self.plain).await {
             Ok((resources, next)) => {
                 let version = version_of(&resources);
                 if force || self.exchange.version() != Some(version.as_str()) {

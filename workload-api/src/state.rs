@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use attest::{Authority, JwtBundle, X509Svid};
 use base64::Engine;
 use registry::bundle::BundleFormat;
-use registry::config::{Config, RegistrationEntry, Selector};
+use registry::config::{Config, RegistrationEntry};
 use registry::file_watch::FileWatch;
 use registry::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
@@ -43,8 +43,6 @@ pub struct Snapshot {
     pub own: Bundle,
     /// Federated trust domains' bundles (from `trustBundles` files).
     pub federated: BTreeMap<TrustDomain, Bundle>,
-    /// True when some entry uses `unix:sha256:` (attestation then hashes executables).
-    pub needs_sha256: bool,
     /// Serial of the CA intermediate signing SVIDs now: when it changes (CA rotation),
     /// every stream re-issues and pushes even if the bundle did not change.
     pub issuer: Option<String>,
@@ -102,10 +100,6 @@ fn build(config: &Config, authority: &Authority, prev: Option<&Snapshot>) -> Sna
             jwt: authority.jwt_bundle(),
         },
         federated,
-        needs_sha256: agent
-            .registration_entries
-            .iter()
-            .any(|e| e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))),
         issuer: authority.active_issuer_serial(),
     }
 }
