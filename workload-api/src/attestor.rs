@@ -333,8 +333,22 @@ fn tcp_owner(remote: SocketAddr, local: SocketAddr) -> Option<u32> {
             }
         }
     };
-    let (want_local, want_rem) = (key(remote), key(local));
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    // Each socket is listed by the family it was created with: AF_INET in tcp, AF_INET6 in
+    // tcp6, where an IPv4 peer (grpc C-core dials 127.0.0.1 from an AF_INET6 socket) shows
+    // as ::ffff:a.b.c.d. So look IPv4 (and v4-mapped) addresses up in both forms.
+    let as_v4 = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let as_v6 = |a: SocketAddr| match a.ip().to_canonical() {
+        std::net::IpAddr::V4(ip) => SocketAddr::new(ip.to_ipv6_mapped().into(), a.port()),
+        std::net::IpAddr::V6(_) => a,
+    };
+    for (table, remote, local) in [
+        ("/proc/net/tcp", as_v4(remote), as_v4(local)),
+        ("/proc/net/tcp6", as_v6(remote), as_v6(local)),
+    ] {
+        if table == "/proc/net/tcp" && remote.is_ipv6() {
+            continue;
+        }
+        let (want_local, want_rem) = (key(remote), key(local));
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };

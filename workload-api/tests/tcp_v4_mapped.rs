@@ -76,7 +76,6 @@ async fn ipv4_client_of_a_dual_stack_listener_is_attested() {
 /// dual-stack one. Needs the `tcp_owner` patch in attestor.rs (see the issue 9 report):
 /// the lookup must search `/proc/net/tcp6` for the mapped form of an IPv4 address.
 #[tokio::test]
-#[ignore = "needs attestor.rs tcp_owner to look IPv4 peers up in /proc/net/tcp6 as ::ffff:a.b.c.d"]
 async fn ipv6_socket_client_through_a_v4_mapped_address_is_attested() {
     if !have_ipv6() {
         return;
