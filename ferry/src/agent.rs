@@ -46,12 +46,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .context("CA task panicked")??;
     ready.up(CA);
 
-    // Workload API + Envoy SDS on listen.workloadApi (bound by start).
-    let wapi = workload_api::WorkloadApiServer::start(config.clone(), authority, shutdown.clone())
-        .context("cannot start the Workload API")?;
-    ready.up(WORKLOAD_API);
-    tasks.spawn(async move { wapi.serve().await.context("Workload API server") });
-
     // xDS: the registry, translated into Envoy resources, served over ADS (Cofide's :18001).
     let (snapshots, translator) = xds::resources::spawn_translator(config.clone());
     ready.up(SNAPSHOT);
@@ -59,6 +53,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     xds_server
         .metrics()
         .register(metrics.sub_registry_with_prefix("ferry"));
+    // Workload API + Envoy SDS on listen.workloadApi (bound by start).
+    let wapi = workload_api::WorkloadApiServer::start(config.clone(), authority, shutdown.clone())
+        .context("cannot start the Workload API")?
+        .with_sds_metrics(xds_server.metrics());
+    ready.up(WORKLOAD_API);
+    tasks.spawn(async move { wapi.serve().await.context("Workload API server") });
+
     let xds_addr = config.borrow().agent.listen.xds;
     let xds_listener = tokio::net::TcpListener::bind(xds_addr)
         .await

@@ -5,30 +5,31 @@
 use std::fmt::Display;
 use std::path::Path;
 
-/// One registration entry: a SPIFFE ID, its selectors and an optional hint.
+/// One registration entry: a SPIFFE ID, its selectors and an optional hint (fields public
+/// so tests can write it as a literal).
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub struct Entry<'a> {
     /// `spiffeId`.
-    pub id: String,
+    pub id: &'a str,
     /// `selectors`, e.g. `unix:uid:1000`.
     pub selectors: Vec<String>,
     /// `hint`.
-    pub hint: Option<String>,
+    pub hint: Option<&'a str>,
 }
 
-impl Entry {
+impl<'a> Entry<'a> {
     /// An entry for `id` with `selectors` and no hint.
-    pub fn new(id: impl Into<String>, selectors: &[&str]) -> Self {
+    pub fn new(id: &'a str, selectors: &[&str]) -> Self {
         Self {
-            id: id.into(),
+            id,
             selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
             hint: None,
         }
     }
 
     /// The same entry with a hint.
-    pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
+    pub fn hint(mut self, hint: &'a str) -> Self {
+        self.hint = Some(hint);
         self
     }
 }
@@ -40,7 +41,7 @@ pub struct AgentDoc {
     listen: Vec<(String, String)>,
     ca: Vec<(String, String)>,
     bundles: Vec<(String, String)>,
-    entries: Vec<Entry>,
+    entries: Vec<(String, Vec<String>, Option<String>)>,
     extra: String,
 }
 
@@ -88,8 +89,12 @@ impl AgentDoc {
     }
 
     /// One more registration entry.
-    pub fn entry(mut self, entry: Entry) -> Self {
-        self.entries.push(entry);
+    pub fn entry(mut self, e: &Entry<'_>) -> Self {
+        self.entries.push((
+            e.id.to_owned(),
+            e.selectors.clone(),
+            e.hint.map(str::to_owned),
+        ));
         self
     }
 
@@ -123,14 +128,13 @@ impl AgentDoc {
         }
         if !self.entries.is_empty() {
             y.push_str("registrationEntries:\n");
-            for e in &self.entries {
-                let sels: Vec<String> = e.selectors.iter().map(|s| format!("\"{s}\"")).collect();
+            for (id, selectors, hint) in &self.entries {
+                let sels: Vec<String> = selectors.iter().map(|s| format!("\"{s}\"")).collect();
                 y.push_str(&format!(
-                    "  - spiffeId: {}\n    selectors: [{}]\n",
-                    e.id,
+                    "  - spiffeId: {id}\n    selectors: [{}]\n",
                     sels.join(", ")
                 ));
-                if let Some(h) = &e.hint {
+                if let Some(h) = hint {
                     y.push_str(&format!("    hint: {h}\n"));
                 }
             }
@@ -180,7 +184,7 @@ mod tests {
         let y = AgentDoc::in_dir("example.org", Path::new("/d"))
             .ca("svidTtl", "1h")
             .bundle("other.org", Path::new("/b/o.pem"))
-            .entry(Entry::new("spiffe://example.org/a", &["unix:uid:1"]).hint("a"))
+            .entry(&Entry::new("spiffe://example.org/a", &["unix:uid:1"]).hint("a"))
             .render();
         assert_eq!(
             y,

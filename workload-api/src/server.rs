@@ -27,6 +27,7 @@ pub struct WorkloadApiServer {
     endpoint: Endpoint,
     limits: ConnectionLimits,
     stats: Arc<ConnStats>,
+    sds_metrics: Arc<xds::server::XdsMetrics>,
 }
 
 impl WorkloadApiServer {
@@ -54,6 +55,7 @@ impl WorkloadApiServer {
             endpoint,
             limits: ConnectionLimits::default(),
             stats: Arc::default(),
+            sds_metrics: Arc::default(),
         })
     }
 
@@ -62,6 +64,14 @@ impl WorkloadApiServer {
     #[must_use]
     pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Counts SDS streams, responses, ACKs and NACKs into `metrics` (the agent passes the
+    /// xDS server's, so one registry shows `xds_streams{variant="sds"}` beside ADS).
+    #[must_use]
+    pub fn with_sds_metrics(mut self, metrics: Arc<xds::server::XdsMetrics>) -> Self {
+        self.sds_metrics = metrics;
         self
     }
 
@@ -89,13 +99,14 @@ impl WorkloadApiServer {
             endpoint,
             limits,
             stats,
+            sds_metrics,
         } = self;
         let stop = core.shutdown.clone();
         let wapi = SpiffeWorkloadApiServer::with_interceptor(
             WorkloadApi::new(core.clone()),
             require_security_header,
         );
-        let sds = SecretDiscoveryServiceServer::new(Sds::new(core));
+        let sds = SecretDiscoveryServiceServer::new(Sds::with_metrics(core, sds_metrics));
         let h2 = limits.h2;
         tonic::transport::Server::builder()
             // The shim in front of h2 mirrors these: keep them in step (authority_shim.rs).

@@ -11,13 +11,11 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Entry;
+use testkit::workload::Entry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use workload_api::attestor::{self, DigestStats};
@@ -68,7 +66,7 @@ time.sleep(60)
 struct Caller {
     child: Child,
     ctl: tokio::net::UnixStream,
-    client: common::RawClient,
+    client: testkit::workload::RawClient,
 }
 
 impl Drop for Caller {
@@ -78,7 +76,12 @@ impl Drop for Caller {
     }
 }
 
-async fn start_caller(agent: &common::Agent, exe: &Path, mode: &str, uid: Option<u32>) -> Caller {
+async fn start_caller(
+    agent: &testkit::workload::Agent,
+    exe: &Path,
+    mode: &str,
+    uid: Option<u32>,
+) -> Caller {
     // Sockets of callers that may run as another user: a world-writable (sticky) dir.
     let dir = agent.dir.join("callers");
     std::fs::create_dir_all(&dir).unwrap();
@@ -115,7 +118,8 @@ async fn start_caller(agent: &common::Agent, exe: &Path, mode: &str, uid: Option
         .expect("the caller is ready")
         .unwrap();
     // The relay serves one connection: one client (one HTTP/2 connection) per caller.
-    let client = common::raw_client_at(&format!("unix://{}", relay_path.display()), true).await;
+    let client =
+        testkit::workload::raw_client_at(&format!("unix://{}", relay_path.display()), true).await;
     Caller { child, ctl, client }
 }
 
@@ -181,9 +185,9 @@ fn readable_tempdir() -> tempfile::TempDir {
     d
 }
 
-async fn agent_with(dir: &Path, entries: &[Entry<'_>]) -> common::Agent {
-    let yaml = common::config_yaml(dir, "1h", entries, &[]);
-    let agent = common::start(dir, &yaml).await;
+async fn agent_with(dir: &Path, entries: &[Entry<'_>]) -> testkit::workload::Agent {
+    let yaml = testkit::workload::config_yaml(dir, "1h", entries, &[]);
+    let agent = testkit::workload::start(dir, &yaml).await;
     testkit::wait_until("agent socket", Duration::from_secs(10), || {
         let s = agent.socket.clone();
         async move { s.exists() }
@@ -212,7 +216,7 @@ async fn sha256_is_not_computed_when_the_uid_does_not_match() {
     let d = readable_tempdir();
     let py = python_copy(d.path(), "py-other-uid", None);
     let hash = sha256_hex(&py);
-    let other = common::my_uid() + 1;
+    let other = testkit::workload::my_uid() + 1;
     let agent = agent_with(
         d.path(),
         &[Entry {
@@ -245,7 +249,7 @@ async fn sha256_matches_and_is_hashed_once() {
         &[Entry {
             id: "spiffe://example.org/hashed",
             selectors: vec![
-                format!("unix:uid:{}", common::my_uid()),
+                format!("unix:uid:{}", testkit::workload::my_uid()),
                 format!("unix:sha256:{hash}"),
             ],
             hint: None,
@@ -278,7 +282,7 @@ async fn an_executable_over_the_cap_is_not_hashed() {
         &[Entry {
             id: "spiffe://example.org/big",
             selectors: vec![
-                format!("unix:uid:{}", common::my_uid()),
+                format!("unix:uid:{}", testkit::workload::my_uid()),
                 format!("unix:sha256:{}", "ab".repeat(32)),
             ],
             hint: None,
@@ -322,7 +326,7 @@ async fn exec_after_connect_is_refused() {
         &[Entry {
             id: "spiffe://example.org/trusted",
             selectors: vec![
-                format!("unix:uid:{}", common::my_uid()),
+                format!("unix:uid:{}", testkit::workload::my_uid()),
                 format!("unix:path:{PYTHON}"),
             ],
             hint: None,
@@ -358,7 +362,7 @@ async fn a_connection_handed_to_another_process_is_refused() {
         &[Entry {
             id: "spiffe://example.org/trusted",
             selectors: vec![
-                format!("unix:uid:{}", common::my_uid()),
+                format!("unix:uid:{}", testkit::workload::my_uid()),
                 format!("unix:path:{PYTHON}"),
             ],
             hint: None,
@@ -384,7 +388,7 @@ async fn a_connection_whose_process_exited_is_refused() {
         d.path(),
         &[Entry {
             id: "spiffe://example.org/uid",
-            selectors: vec![format!("unix:uid:{}", common::my_uid())],
+            selectors: vec![format!("unix:uid:{}", testkit::workload::my_uid())],
             hint: None,
         }],
     )
@@ -442,7 +446,7 @@ async fn another_users_executable_is_not_hashed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_jwtsvid_needs_an_identity() {
     let d = readable_tempdir();
-    let me = common::my_uid();
+    let me = testkit::workload::my_uid();
     let agent = agent_with(
         d.path(),
         &[Entry {
@@ -461,7 +465,7 @@ async fn validate_jwtsvid_needs_an_identity() {
         audience: "aud".to_owned(),
         svid: jwt.token.clone(),
     };
-    let mut c = common::raw_client(&agent, true).await;
+    let mut c = testkit::workload::raw_client(&agent, true).await;
     let err = c.validate_jwtsvid(req()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     agent.stop().await;
@@ -481,7 +485,7 @@ async fn validate_jwtsvid_needs_an_identity() {
         .authority
         .issue_jwt_svid(&id, &["aud".to_owned()], Duration::from_secs(300))
         .unwrap();
-    let mut c = common::raw_client(&agent, true).await;
+    let mut c = testkit::workload::raw_client(&agent, true).await;
     let ok = c
         .validate_jwtsvid(ValidateJwtsvidRequest {
             audience: "aud".to_owned(),

@@ -7,36 +7,17 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{Entry, config_yaml, my_uid, start};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use testkit::workload::{Entry, config_yaml, my_uid, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ENVOY_ID: &str = "spiffe://example.org/envoy";
 const CLIENT_ID: &str = "spiffe://example.org/client";
-
-/// The real Envoy executable behind the `.venv/bin/envoy` wrapper (which `execv`s it):
-/// what `/proc/<pid>/exe` shows, so a `unix:path:` selector can name it.
-fn envoy_exe(wrapper: &std::path::Path) -> PathBuf {
-    if let Ok(p) = std::env::var("FERRY_ENVOY") {
-        return std::fs::canonicalize(p).unwrap();
-    }
-    let venv = wrapper.parent().unwrap().parent().unwrap();
-    for lib in std::fs::read_dir(venv.join("lib")).unwrap() {
-        let p = lib.unwrap().path().join("site-packages/envoy/_bin/envoy");
-        if p.is_file() {
-            return std::fs::canonicalize(p).unwrap();
-        }
-    }
-    panic!("no envoy binary under {}", venv.display());
-}
 
 /// Verifies the server as a SPIFFE client does: chain to the bundle, expected URI SAN.
 #[derive(Debug)]
@@ -239,7 +220,12 @@ async fn envoy_gets_certs_over_sds(plain: bool) {
                 id: ENVOY_ID,
                 selectors: vec![
                     format!("unix:uid:{}", my_uid()),
-                    format!("unix:path:{}", envoy_exe(&bin).display()),
+                    format!(
+                        "unix:path:{}",
+                        testkit::envoy::executable(&bin)
+                            .expect("the envoy binary behind .venv/bin/envoy")
+                            .display()
+                    ),
                 ],
                 hint: None,
             },

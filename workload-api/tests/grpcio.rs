@@ -10,16 +10,14 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Entry, config_yaml, my_uid, start};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use prost::Message;
 use serde_json::Value;
+use testkit::workload::{Entry, config_yaml, my_uid, start};
 use workload_api::sds::SECRET_TYPE;
 
 fn python() -> PathBuf {

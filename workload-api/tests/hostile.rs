@@ -8,15 +8,13 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Entry, config_yaml, my_uid, open_authority};
 use registry::config::ConfigWatcher;
 use spiffe::WorkloadApiClient;
+use testkit::workload::{Entry, config_yaml, my_uid, open_authority};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;

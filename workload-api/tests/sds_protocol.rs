@@ -5,15 +5,13 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Entry, config_yaml, my_uid, start};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use prost::Message;
+use testkit::workload::{Entry, config_yaml, my_uid, start};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use workload_api::sds::{SECRET_TYPE, SPIFFE_VALIDATOR};
@@ -155,7 +153,7 @@ async fn stream_secrets_versions_acks_and_pushes_rotation() {
 /// A running agent with one entry for this uid, and an SDS client to it.
 async fn sds_client() -> (
     testkit::TempDir,
-    common::Agent,
+    testkit::workload::Agent,
     SecretDiscoveryServiceClient<tonic::transport::Channel>,
 ) {
     let d = testkit::tempdir().unwrap();

@@ -6,11 +6,9 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Entry, Header, config_yaml, my_uid, start};
+use testkit::workload::{Entry, Header, config_yaml, my_uid, start};
 use workload_api::proto::X509svidRequest;
 use workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 

@@ -5,14 +5,12 @@
 // Test code: unwrap on setup is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use common::{Entry, config_yaml, my_uid, raw_client, start};
 use futures::StreamExt;
 use spiffe::{JwtSvid, TrustDomain, WorkloadApiClient, X509Source};
+use testkit::workload::{Entry, config_yaml, my_uid, raw_client, start};
 use tonic::Code;
 use workload_api::proto::{
     JwtsvidRequest, ValidateJwtsvidRequest, WitsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -262,7 +260,7 @@ async fn child_probe_x509() {
     let Ok(ep) = std::env::var("FERRY_WAPI_PROBE") else {
         return;
     };
-    let mut c = common::raw_client_at(&ep, true).await;
+    let mut c = testkit::workload::raw_client_at(&ep, true).await;
     match c.fetch_x509svid(X509svidRequest {}).await {
         Ok(_) => println!("PROBE-RESULT: ok"),
         Err(e) => println!("PROBE-RESULT: {:?} {}", e.code(), e.message()),
@@ -294,7 +292,7 @@ async fn unregistered_uid_gets_permission_denied() {
         "--test-threads=1",
     ])
     .env("FERRY_WAPI_PROBE", agent.endpoint());
-    let out = common::run_as_nobody(cmd).await;
+    let out = testkit::workload::run_as_nobody(cmd).await;
     assert!(
         out.contains("PROBE-RESULT: PermissionDenied no identity issued"),
         "child output:\n{out}"
@@ -470,7 +468,7 @@ async fn restart_keeps_the_root_and_new_svids_verify_against_the_cached_bundle()
     agent.stop().await;
     assert!(!socket.exists(), "socket removed at shutdown");
 
-    let agent = common::start_from(d.path(), &d.path().join("ferry.yaml")).await;
+    let agent = testkit::workload::start_from(d.path(), &d.path().join("ferry.yaml")).await;
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
         .unwrap();

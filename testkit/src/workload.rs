@@ -1,8 +1,9 @@
-//! Starts a Workload API server in-process from a real config file, the way `ferry agent`
-//! does (config watcher -> server), for the tests of this crate.
+//! A Workload API server in-process, started from a real config file the way `ferry agent`
+//! starts it (config watcher -> CA -> server), and clients to poke it with: for the tests
+//! of `workload-api` and of everything that fetches SVIDs.
 
 // Test harness code: a failed setup should fail the test loudly.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,12 +12,8 @@ use registry::config::ConfigWatcher;
 use tokio_util::sync::CancellationToken;
 use workload_api::WorkloadApiServer;
 
-/// One registration entry for [`config_yaml`].
-pub struct Entry<'a> {
-    pub id: &'a str,
-    pub selectors: Vec<String>,
-    pub hint: Option<&'a str>,
-}
+use crate::config::AgentDoc;
+pub use crate::config::Entry;
 
 /// A running server and everything needed to poke it.
 pub struct Agent {
@@ -60,35 +57,24 @@ pub fn my_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
-/// A complete AgentConfig document.
+/// The AgentConfig document these tests use: trust domain `example.org`, the socket and CA
+/// in `dir`, a 1 h CA, `svid_ttl`, the entries and federated bundles given.
 pub fn config_yaml(
     dir: &Path,
     svid_ttl: &str,
     entries: &[Entry<'_>],
     bundles: &[(&str, &Path)],
 ) -> String {
-    let mut y = format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: example.org\nlisten:\n  workloadApi: unix://{}/agent.sock\nca:\n  stateDir: {}/ca\n  caTtl: 1h\n  svidTtl: {svid_ttl}\n",
-        dir.display(),
-        dir.display()
-    );
-    if !bundles.is_empty() {
-        y.push_str("trustBundles:\n");
-        for (td, f) in bundles {
-            y.push_str(&format!("  {td}:\n    file: {}\n", f.display()));
-        }
+    let mut doc = AgentDoc::in_dir("example.org", dir)
+        .ca("caTtl", "1h")
+        .ca("svidTtl", svid_ttl);
+    for (td, file) in bundles {
+        doc = doc.bundle(td, file);
     }
-    y.push_str("registrationEntries:\n");
     for e in entries {
-        y.push_str(&format!("  - spiffeId: {}\n    selectors: [", e.id));
-        let sels: Vec<String> = e.selectors.iter().map(|s| format!("\"{s}\"")).collect();
-        y.push_str(&sels.join(", "));
-        y.push_str("]\n");
-        if let Some(h) = e.hint {
-            y.push_str(&format!("    hint: {h}\n"));
-        }
+        doc = doc.entry(e);
     }
-    y
+    doc.render()
 }
 
 /// Writes `yaml` to `<dir>/ferry.yaml` and starts a server from it.
