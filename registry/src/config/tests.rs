@@ -497,6 +497,15 @@ fn bad_vip_range_still_checks_dns_upstreams() {
 }
 
 #[test]
+fn a_stream_error_is_reported_once_not_forever() {
+    // 0x1A passes the position scanner but not libyaml's; its iterator used to repeat the
+    // error without end (fuzz/artifacts: config_load oom).
+    let errs = parse_str("\u{1a}").unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].message.contains("YAML error"), "{}", errs[0]);
+}
+
+#[test]
 fn syntax_errors_are_located() {
     let errs = parse_str("apiVersion: [\nkind: x\n").unwrap_err();
     assert_eq!(errs.len(), 1);

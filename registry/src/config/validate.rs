@@ -150,7 +150,11 @@ pub(crate) fn build(src: &str, file: &Path, base_dir: &Path) -> Result<Built, Ve
                     };
                 }
                 cx.errors.push(d);
-                continue;
+                // A scanner error leaves the document stream where it was: serde_yaml's
+                // iterator then yields the same error forever (found by the config_load
+                // fuzz target: one 0x1A byte grew the error list until memory ran out).
+                // Nothing after a broken document can be read reliably; stop here.
+                break;
             }
         };
         if value.is_null() {
