@@ -91,6 +91,18 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A temp dir that other uids can traverse (0755), for tests that run a child process as
+/// another user against a socket inside it.
+pub fn shared_tempdir() -> TempDir {
+    let d = tempdir().unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("cannot chmod 0755 {}: {e}", d.path().display()));
+    d
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -275,13 +275,8 @@ async fn unregistered_uid_gets_permission_denied() {
     ) {
         return;
     }
-    let d = testkit::tempdir().unwrap();
-    // The child (uid 65534) must reach the socket inside the temp dir.
-    std::fs::set_permissions(
-        d.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    // Other uids must reach the socket inside the temp dir.
+    let d = testkit::shared_tempdir();
     let yaml = one_entry(d.path(), "1h", "spiffe://example.org/root-only");
     let agent = start(d.path(), &yaml).await;
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());

@@ -42,6 +42,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
+use registry::latest::Latest;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -199,29 +200,9 @@ impl AdsClient {
     }
 }
 
-/// Reads the latest [`XdsState`] without locking: the cached `Arc` is replaced only when
-/// the watch's version (an atomic) says a newer one exists.
-#[derive(Debug, Clone)]
-pub struct StateReader {
-    rx: watch::Receiver<Arc<XdsState>>,
-    cached: Arc<XdsState>,
-}
-
-impl StateReader {
-    /// A reader over `rx` (e.g. [`AdsClient::subscribe`]).
-    pub fn new(mut rx: watch::Receiver<Arc<XdsState>>) -> Self {
-        let cached = rx.borrow_and_update().clone();
-        StateReader { rx, cached }
-    }
-
-    /// The latest state.
-    pub fn current(&mut self) -> &Arc<XdsState> {
-        if self.rx.has_changed().unwrap_or(false) {
-            self.cached = self.rx.borrow_and_update().clone();
-        }
-        &self.cached
-    }
-}
+/// Reads the latest [`XdsState`] without locking: registry's [`Latest`], whose cached `Arc`
+/// is replaced only when the watch's version (an atomic) says a newer one exists.
+pub type StateReader = Latest<XdsState>;
 
 /// The delay before reconnect attempt `attempt` (1-based): exponential, capped, with jitter
 /// in [delay/2, delay] so a fleet of sidecars does not reconnect in lockstep.
