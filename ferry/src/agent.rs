@@ -57,6 +57,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let wapi = workload_api::WorkloadApiServer::start(config.clone(), authority, shutdown.clone())
         .context("cannot start the Workload API")?
         .with_sds_metrics(xds_server.metrics());
+    metrics
+        .sub_registry_with_prefix("ferry_workload_api")
+        .register_collector(Box::new(wapi.stats()));
     ready.up(WORKLOAD_API);
     tasks.spawn(async move { wapi.serve().await.context("Workload API server") });
 

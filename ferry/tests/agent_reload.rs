@@ -55,6 +55,19 @@ async fn reads_are_not_edits_bad_edits_are_logged_once_and_restart_only_edits_ar
     })
     .await
     .unwrap();
+    // Workload API connection counters are scraped with the xDS metrics.
+    let m = testkit::http::get(admin, "/metrics").await.unwrap();
+    for name in [
+        "ferry_workload_api_connections_accepted_total",
+        "ferry_workload_api_connections_rejected_over_limit_total 0",
+        "ferry_xds_oversized_requests_total 0",
+    ] {
+        assert!(
+            m.body.contains(name),
+            "{name} missing from /metrics:\n{}",
+            m.body
+        );
+    }
     let lines_when_ready = std::fs::read_to_string(&log).unwrap().lines().count();
 
     // Someone reads the config, many times: nothing is re-read, nothing is logged.

@@ -199,6 +199,49 @@ impl ConnStats {
     }
 }
 
+/// Scraped as `workload_api_connections_*_total` counters: an operator sees a flood being
+/// refused (and by what) without reading logs.
+impl prometheus_client::collector::Collector for ConnStats {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        for (name, help, counter) in [
+            (
+                "connections_accepted",
+                "Workload API connections admitted",
+                &self.accepted,
+            ),
+            (
+                "connections_rejected_over_limit",
+                "Workload API connections closed at once: their peer uid (or IP) was at its limit",
+                &self.rejected_over_limit,
+            ),
+            (
+                "accept_errors",
+                "accept() failures such as EMFILE",
+                &self.accept_errors,
+            ),
+            (
+                "connections_handshake_timeouts",
+                "Workload API connections closed for not sending the HTTP/2 preface and SETTINGS in time",
+                &self.handshake_timeouts,
+            ),
+            (
+                "connections_protocol_errors",
+                "Workload API connections closed for sending something that is not acceptable HTTP/2",
+                &self.protocol_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(Self::get(counter));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Folds a burst of identical events into one log line per [`LOG_WINDOW`].
 #[derive(Debug)]
 pub struct BurstLog {
