@@ -19,10 +19,10 @@ pub struct Entry<'a> {
 
 impl<'a> Entry<'a> {
     /// An entry for `id` with `selectors` and no hint.
-    pub fn new(id: &'a str, selectors: &[&str]) -> Self {
+    pub fn new<S: Into<String>>(id: &'a str, selectors: impl IntoIterator<Item = S>) -> Self {
         Self {
             id,
-            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            selectors: selectors.into_iter().map(Into::into).collect(),
             hint: None,
         }
     }
@@ -184,7 +184,7 @@ mod tests {
         let y = AgentDoc::in_dir("example.org", Path::new("/d"))
             .ca("svidTtl", "1h")
             .bundle("other.org", Path::new("/b/o.pem"))
-            .entry(&Entry::new("spiffe://example.org/a", &["unix:uid:1"]).hint("a"))
+            .entry(&Entry::new("spiffe://example.org/a", ["unix:uid:1"]).hint("a"))
             .render();
         assert_eq!(
             y,

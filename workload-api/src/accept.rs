@@ -17,8 +17,8 @@ use tonic::transport::server::Connected;
 
 use crate::authority_shim::H2Shim;
 use crate::limits::{
-    Backoff, BurstLog, ConnStats, ConnTracker, ConnectionLimits, LOG_WINDOW, PeerKey, Slot,
-    is_connection_error,
+    Backoff, BurstLog, ConnStats, ConnTracker, ConnectionLimits, LOG_WINDOW, PeerKey, Refusal,
+    Slot, is_connection_error,
 };
 use crate::peer::PeerInfo;
 
@@ -57,7 +57,10 @@ pub fn incoming<A: Accept>(
 ) -> impl Stream<Item = io::Result<Connection<A::Io>>> + Send {
     let state = Loop {
         source,
-        tracker: ConnTracker::new(limits.max_connections_per_peer),
+        tracker: ConnTracker::new(
+            limits.max_connections_per_peer,
+            limits.max_connections_total,
+        ),
         limits,
         stats,
         backoff: Backoff::default(),
@@ -96,18 +99,22 @@ impl<A: Accept> Loop<A> {
                 }
             };
             self.backoff.reset();
-            let Some(slot) = self.tracker.try_acquire(key) else {
-                drop(raw);
-                ConnStats::bump(&self.stats.rejected_over_limit);
-                if let Some(folded) = self.over_limit_log.note(Instant::now()) {
-                    tracing::warn!(
-                        peer = %key,
-                        limit = self.limits.max_connections_per_peer,
-                        folded,
-                        "Workload API connection refused: peer holds the most connections allowed"
-                    );
+            let slot = match self.tracker.try_acquire(key) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    drop(raw);
+                    ConnStats::bump(&self.stats.rejected_over_limit);
+                    if let Some(folded) = self.over_limit_log.note(Instant::now()) {
+                        let (limit, why) = match refusal {
+                            Refusal::Peer(n) => (n, "peer holds the most connections allowed"),
+                            Refusal::Total(n) => {
+                                (n, "the agent holds the most connections allowed in all")
+                            }
+                        };
+                        tracing::warn!(peer = %key, limit, folded, "Workload API connection refused: {why}");
+                    }
+                    continue;
                 }
-                continue;
             };
             ConnStats::bump(&self.stats.accepted);
             self.next_id += 1;

@@ -8,7 +8,9 @@
 //!
 //! - [`ConnTracker`]: at most [`ConnectionLimits::max_connections_per_peer`] open
 //!   connections per peer uid (Unix socket) or remote IP (TCP); one more is closed at once,
-//!   before any per-connection work, and counted;
+//!   before any per-connection work, and counted; and at most
+//!   [`ConnectionLimits::max_connections_total`] across all peers, so that several users
+//!   together cannot take the process's last file descriptors either;
 //! - a connection must send the HTTP/2 preface and SETTINGS within
 //!   [`ConnectionLimits::handshake_timeout`] (enforced by [`crate::authority_shim::H2Shim`]);
 //! - HTTP/2 keepalive pings find dead peers; streams per connection are capped;
@@ -28,6 +30,9 @@ use crate::peer::PeerInfo;
 /// Default for [`ConnectionLimits::max_connections_per_peer`]: far above what one workload
 /// needs (a handful of streams share one connection), far below the default fd limit.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
+/// Default for [`ConnectionLimits::max_connections_total`]: 16 peers at their per-peer limit,
+/// well under the 65,536 fds a service normally may open.
+pub const DEFAULT_MAX_CONNECTIONS_TOTAL: usize = 4096;
 /// Default for [`ConnectionLimits::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ConnectionLimits::keepalive_interval`].
@@ -48,6 +53,8 @@ pub const LOG_WINDOW: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Open connections allowed per peer uid (Unix socket) or remote IP address (TCP).
     pub max_connections_per_peer: usize,
+    /// Open connections allowed in all, whoever holds them.
+    pub max_connections_total: usize,
     /// Time a new connection has to send the HTTP/2 preface and its SETTINGS frame.
     pub handshake_timeout: Duration,
     /// HTTP/2 PING after this long without frames from the client.
@@ -64,6 +71,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_connections_total: DEFAULT_MAX_CONNECTIONS_TOTAL,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
@@ -107,33 +115,55 @@ impl std::fmt::Display for PeerKey {
     }
 }
 
-type Counts = Arc<Mutex<HashMap<PeerKey, usize>>>;
+/// Open connections per key and in all.
+#[derive(Debug, Default)]
+struct Held {
+    per_key: HashMap<PeerKey, usize>,
+    total: usize,
+}
 
-/// Open connections per [`PeerKey`], with a cap.
+type Counts = Arc<Mutex<Held>>;
+
+/// Why [`ConnTracker::try_acquire`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer holds its per-peer maximum.
+    Peer(usize),
+    /// All peers together hold the total maximum.
+    Total(usize),
+}
+
+/// Open connections per [`PeerKey`], with a cap per key and one in all.
 #[derive(Debug, Clone)]
 pub struct ConnTracker {
     counts: Counts,
-    max: usize,
+    per_peer: usize,
+    total: usize,
 }
 
 impl ConnTracker {
-    /// A tracker allowing `max` connections per key.
-    pub fn new(max: usize) -> Self {
+    /// A tracker allowing `per_peer` connections per key and `total` in all.
+    pub fn new(per_peer: usize, total: usize) -> Self {
         Self {
             counts: Arc::default(),
-            max,
+            per_peer,
+            total,
         }
     }
 
-    /// A slot for one more connection of `key`, or `None` when it already holds `max`.
-    pub fn try_acquire(&self, key: PeerKey) -> Option<Slot> {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = counts.entry(key).or_insert(0);
-        if *n >= self.max {
-            return None;
+    /// A slot for one more connection of `key`, or why not.
+    pub fn try_acquire(&self, key: PeerKey) -> Result<Slot, Refusal> {
+        let mut held = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.total >= self.total {
+            return Err(Refusal::Total(self.total));
+        }
+        let n = held.per_key.entry(key).or_insert(0);
+        if *n >= self.per_peer {
+            return Err(Refusal::Peer(self.per_peer));
         }
         *n += 1;
-        Some(Slot {
+        held.total += 1;
+        Ok(Slot {
             counts: self.counts.clone(),
             key,
         })
@@ -141,8 +171,8 @@ impl ConnTracker {
 
     /// Connections `key` holds now.
     pub fn count(&self, key: PeerKey) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(&key).copied().unwrap_or(0)
+        let held = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        held.per_key.get(&key).copied().unwrap_or(0)
     }
 }
 
@@ -162,11 +192,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = counts.get_mut(&self.key) {
+        let mut held = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        held.total = held.total.saturating_sub(1);
+        if let Some(n) = held.per_key.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                counts.remove(&self.key);
+                held.per_key.remove(&self.key);
             }
         }
     }
@@ -330,15 +361,30 @@ mod tests {
 
     #[test]
     fn tracker_caps_per_key_and_frees_on_drop() {
-        let t = ConnTracker::new(2);
+        let t = ConnTracker::new(2, 100);
         let a1 = t.try_acquire(PeerKey::Uid(1)).unwrap();
         let _a2 = t.try_acquire(PeerKey::Uid(1)).unwrap();
-        assert!(t.try_acquire(PeerKey::Uid(1)).is_none());
+        assert_eq!(t.try_acquire(PeerKey::Uid(1)).err(), Some(Refusal::Peer(2)));
         let _b = t.try_acquire(PeerKey::Uid(2)).unwrap();
         assert_eq!(t.count(PeerKey::Uid(1)), 2);
         drop(a1);
         assert_eq!(t.count(PeerKey::Uid(1)), 1);
-        assert!(t.try_acquire(PeerKey::Uid(1)).is_some());
+        assert!(t.try_acquire(PeerKey::Uid(1)).is_ok());
+    }
+
+    #[test]
+    fn many_peers_together_stop_at_the_total() {
+        let t = ConnTracker::new(2, 3);
+        let held: Vec<Slot> = (1..=3)
+            .map(|u| t.try_acquire(PeerKey::Uid(u)).unwrap())
+            .collect();
+        // A fourth user, under its own per-peer limit, still finds the process full.
+        assert_eq!(
+            t.try_acquire(PeerKey::Uid(4)).err(),
+            Some(Refusal::Total(3))
+        );
+        drop(held);
+        assert!(t.try_acquire(PeerKey::Uid(4)).is_ok());
     }
 
     #[test]

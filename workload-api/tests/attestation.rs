@@ -175,14 +175,9 @@ fn sha256_hex(path: &Path) -> String {
         .collect()
 }
 
-fn readable_tempdir() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        d.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    d
+/// `unix:uid:<the test's uid>`.
+fn my_uid_selector() -> String {
+    format!("unix:uid:{}", testkit::workload::my_uid())
 }
 
 async fn agent_with(dir: &Path, entries: &[Entry<'_>]) -> testkit::workload::Agent {
@@ -213,17 +208,16 @@ async fn wait_exe(pid: u32, exe: &Path) {
 /// executable of a caller whose uid does not match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sha256_is_not_computed_when_the_uid_does_not_match() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let py = python_copy(d.path(), "py-other-uid", None);
     let hash = sha256_hex(&py);
     let other = testkit::workload::my_uid() + 1;
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/hashed",
-            selectors: vec![format!("unix:uid:{other}"), format!("unix:sha256:{hash}")],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/hashed",
+            [format!("unix:uid:{other}"), format!("unix:sha256:{hash}")],
+        )],
     )
     .await;
     let mut caller = start_caller(&agent, &py, "hold", None).await;
@@ -241,19 +235,15 @@ async fn sha256_is_not_computed_when_the_uid_does_not_match() {
 /// A candidate entry does hash (once per file version: the second call hits the cache).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sha256_matches_and_is_hashed_once() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let py = python_copy(d.path(), "py-hashed", None);
     let hash = sha256_hex(&py);
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/hashed",
-            selectors: vec![
-                format!("unix:uid:{}", testkit::workload::my_uid()),
-                format!("unix:sha256:{hash}"),
-            ],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/hashed",
+            [my_uid_selector(), format!("unix:sha256:{hash}")],
+        )],
     )
     .await;
     let mut caller = start_caller(&agent, &py, "hold", None).await;
@@ -275,18 +265,17 @@ async fn sha256_matches_and_is_hashed_once() {
 /// (before: every request hashed it on an async worker, stalling the runtime).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executable_over_the_cap_is_not_hashed() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let big = python_copy(d.path(), "py-big", Some(8 << 30));
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/big",
-            selectors: vec![
-                format!("unix:uid:{}", testkit::workload::my_uid()),
+        &[Entry::new(
+            "spiffe://example.org/big",
+            [
+                my_uid_selector(),
                 format!("unix:sha256:{}", "ab".repeat(32)),
             ],
-            hint: None,
-        }],
+        )],
     )
     .await;
     let mut caller = start_caller(&agent, &big, "hold", None).await;
@@ -319,18 +308,14 @@ async fn an_executable_over_the_cap_is_not_hashed() {
 /// connection. The agent must not hand out the trusted identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_after_connect_is_refused() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let untrusted = python_copy(d.path(), "py-untrusted", None);
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/trusted",
-            selectors: vec![
-                format!("unix:uid:{}", testkit::workload::my_uid()),
-                format!("unix:path:{PYTHON}"),
-            ],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/trusted",
+            [my_uid_selector(), format!("unix:path:{PYTHON}")],
+        )],
     )
     .await;
     let mut caller = start_caller(&agent, &untrusted, &format!("exec-keep:{PYTHON}"), None).await;
@@ -356,17 +341,13 @@ async fn exec_after_connect_is_refused() {
 /// own copy: the pid no longer holds the socket, so it no longer vouches for the caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_handed_to_another_process_is_refused() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/trusted",
-            selectors: vec![
-                format!("unix:uid:{}", testkit::workload::my_uid()),
-                format!("unix:path:{PYTHON}"),
-            ],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/trusted",
+            [my_uid_selector(), format!("unix:path:{PYTHON}")],
+        )],
     )
     .await;
     let mut caller = start_caller(&agent, Path::new(PYTHON), "close", None).await;
@@ -383,14 +364,10 @@ async fn a_connection_handed_to_another_process_is_refused() {
 /// The process that connected is gone: its pid vouches for nothing (it may be reused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_process_exited_is_refused() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/uid",
-            selectors: vec![format!("unix:uid:{}", testkit::workload::my_uid())],
-            hint: None,
-        }],
+        &[Entry::new("spiffe://example.org/uid", [my_uid_selector()])],
     )
     .await;
     let mut caller = start_caller(&agent, Path::new(PYTHON), "exit", None).await;
@@ -414,16 +391,15 @@ async fn another_users_executable_is_not_hashed() {
     if !testkit::require("root", testkit::is_root()) {
         return;
     }
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let py = python_copy(d.path(), "py-nobody", None);
     let hash = sha256_hex(&py);
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/root-only",
-            selectors: vec!["unix:uid:0".to_owned(), format!("unix:sha256:{hash}")],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/root-only",
+            ["unix:uid:0".to_owned(), format!("unix:sha256:{hash}")],
+        )],
     )
     .await;
     std::fs::set_permissions(
@@ -445,15 +421,14 @@ async fn another_users_executable_is_not_hashed() {
 /// JWT-SVID validation oracle; a registered caller can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_jwtsvid_needs_an_identity() {
-    let d = readable_tempdir();
+    let d = testkit::shared_tempdir();
     let me = testkit::workload::my_uid();
     let agent = agent_with(
         d.path(),
-        &[Entry {
-            id: "spiffe://example.org/other",
-            selectors: vec![format!("unix:uid:{}", me + 1)],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/other",
+            [format!("unix:uid:{}", me + 1)],
+        )],
     )
     .await;
     let id = registry::spiffe::SpiffeId::parse("spiffe://example.org/other").unwrap();
@@ -471,14 +446,13 @@ async fn validate_jwtsvid_needs_an_identity() {
     agent.stop().await;
 
     // The same token, validated by a registered caller.
-    let d2 = readable_tempdir();
+    let d2 = testkit::shared_tempdir();
     let agent = agent_with(
         d2.path(),
-        &[Entry {
-            id: "spiffe://example.org/me",
-            selectors: vec![format!("unix:uid:{me}")],
-            hint: None,
-        }],
+        &[Entry::new(
+            "spiffe://example.org/me",
+            [format!("unix:uid:{me}")],
+        )],
     )
     .await;
     let jwt2 = agent

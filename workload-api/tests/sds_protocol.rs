@@ -36,21 +36,7 @@ fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
 
 #[tokio::test]
 async fn stream_secrets_versions_acks_and_pushes_rotation() {
-    let d = testkit::tempdir().unwrap();
-    let yaml = config_yaml(
-        d.path(),
-        "4s",
-        &[Entry {
-            id: "spiffe://example.org/sds",
-            selectors: vec![format!("unix:uid:{}", my_uid())],
-            hint: None,
-        }],
-        &[],
-    );
-    let agent = start(d.path(), &yaml).await;
-    let ep = spiffe::transport::Endpoint::parse(&agent.endpoint()).unwrap();
-    let channel = spiffe::transport::connect(&ep).await.unwrap();
-    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let (_d, agent, mut client) = sds_client("4s").await;
 
     let (tx, rx) = mpsc::channel(8);
     tx.send(req(
@@ -150,8 +136,11 @@ async fn stream_secrets_versions_acks_and_pushes_rotation() {
     agent.stop().await;
 }
 
-/// A running agent with one entry for this uid, and an SDS client to it.
-async fn sds_client() -> (
+/// A running agent with one entry for this uid (X.509-SVIDs living `svid_ttl`), and an SDS
+/// client to it.
+async fn sds_client(
+    svid_ttl: &str,
+) -> (
     testkit::TempDir,
     testkit::workload::Agent,
     SecretDiscoveryServiceClient<tonic::transport::Channel>,
@@ -159,7 +148,7 @@ async fn sds_client() -> (
     let d = testkit::tempdir().unwrap();
     let yaml = config_yaml(
         d.path(),
-        "1h",
+        svid_ttl,
         &[Entry {
             id: "spiffe://example.org/sds",
             selectors: vec![format!("unix:uid:{}", my_uid())],
@@ -175,7 +164,7 @@ async fn sds_client() -> (
 
 #[tokio::test]
 async fn fetch_secrets_deduplicates_and_caps_names() {
-    let (_d, agent, mut client) = sds_client().await;
+    let (_d, agent, mut client) = sds_client("1h").await;
     let names = ["default", "ROOTCA", "default", "default", "ROOTCA"];
     let f = client
         .fetch_secrets(req(&names, "", ""))
@@ -197,7 +186,7 @@ async fn fetch_secrets_deduplicates_and_caps_names() {
 
 #[tokio::test]
 async fn stream_secrets_deduplicates_caps_and_answers_a_reconnect() {
-    let (_d, agent, mut client) = sds_client().await;
+    let (_d, agent, mut client) = sds_client("1h").await;
     // A reconnecting Envoy may carry the nonce of its previous stream: still answered.
     let (tx, rx) = mpsc::channel(8);
     tx.send(req(&["default", "default", "ROOTCA"], "v0", "41"))
