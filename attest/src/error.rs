@@ -57,14 +57,6 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// The requested key backend is not available in this build.
-    #[error("CA backend {backend} is not available: {hint}")]
-    BackendUnavailable {
-        /// The configured backend.
-        backend: String,
-        /// What the operator can do.
-        hint: &'static str,
-    },
     /// No authority can sign right now (all expired): the CA must rotate first.
     #[error("no active {what} authority (the CA has not been initialised or all keys expired)")]
     NoAuthority {

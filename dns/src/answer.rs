@@ -6,7 +6,8 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
 use crate::metrics::Outcome;
-use crate::table::{DnsTable, normalize};
+use crate::table::DnsTable;
+use registry::hostname::Hostname;
 
 /// EDNS UDP payload size ferry advertises in its own answers (the DNS Flag Day 2020 value).
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -84,7 +85,7 @@ pub fn decide(packet: &[u8], table: &DnsTable, settings: &Settings) -> Verdict {
     if q.query_class() != DNSClass::IN {
         return Verdict::Forward(Box::new(query));
     }
-    let name = normalize(&q.name().to_ascii());
+    let name = Hostname::new(&q.name().to_ascii());
     let Some(vip) = table.lookup(&name, &settings.search_suffixes) else {
         return Verdict::Forward(Box::new(query));
     };

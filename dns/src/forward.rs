@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
+use registry::hostname::Hostname;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -294,7 +295,7 @@ pub fn from_resolv_conf(
         .collect();
     let search = conf
         .get_search()
-        .map(|s| s.iter().map(|d| crate::table::normalize(d)).collect())
+        .map(|s| s.iter().map(|d| Hostname::new(d).into()).collect())
         .unwrap_or_default();
     Ok((upstreams, search))
 }

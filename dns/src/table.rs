@@ -12,7 +12,7 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DnsTable {
     /// Lowercase, no trailing dot.
-    names: HashMap<String, Ipv4Addr>,
+    names: HashMap<Hostname, Ipv4Addr>,
 }
 
 impl DnsTable {
@@ -22,7 +22,7 @@ impl DnsTable {
         Self {
             names: entries
                 .into_iter()
-                .map(|(h, v)| (normalize(h.as_ref()), v))
+                .map(|(h, v)| (Hostname::new(h.as_ref()), v))
                 .collect(),
         }
     }
@@ -91,11 +91,6 @@ where
         }
     });
     rx
-}
-
-/// Lowercase without the trailing dot: the table's key form ([`Hostname`]'s).
-pub fn normalize(name: &str) -> String {
-    Hostname::new(name).into()
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
         ttl: args.ttl,
         search_suffixes: suffixes
             .iter()
-            .map(|s| dns::table::normalize(s.trim_start_matches('.')))
+            .map(|s| registry::hostname::Hostname::new(s.trim_start_matches('.')).into())
             .collect(),
         no_data: match args.no_data {
             crate::cli::NoData::Noerror => dns::answer::NoDataMode::NoError,

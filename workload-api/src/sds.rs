@@ -39,8 +39,6 @@ use crate::core::{Core, instant_of};
 use crate::peer::PeerInfo;
 use crate::state::{Bundle, Snapshot};
 
-/// The type URL of SDS resources (the same constant as [`xds::type_url::SECRET`]).
-pub const SECRET_TYPE: &str = xds::type_url::SECRET;
 /// The short name of SDS in logs and metric labels.
 const SDS: &str = "SDS";
 /// The stream variant label of SDS streams in `xds_streams`.

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use prost::Message;
 use serde_json::Value;
 use testkit::workload::{Entry, config_yaml, my_uid, start};
-use workload_api::sds::SECRET_TYPE;
+use xds::type_url::SECRET as SECRET_TYPE;
 
 fn python() -> PathBuf {
     testkit::workspace_root().join(".venv/bin/python")

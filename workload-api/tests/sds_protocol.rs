@@ -14,7 +14,8 @@ use prost::Message;
 use testkit::workload::{Entry, config_yaml, my_uid, start};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use workload_api::sds::{SECRET_TYPE, SPIFFE_VALIDATOR};
+use workload_api::sds::SPIFFE_VALIDATOR;
+use xds::type_url::SECRET as SECRET_TYPE;
 
 fn inline(d: &envoy_types::pb::envoy::config::core::v3::DataSource) -> String {
     use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
