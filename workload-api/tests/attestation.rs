@@ -175,6 +175,12 @@ fn sha256_hex(path: &Path) -> String {
         .collect()
 }
 
+/// A PermissionDenied whose message says `why`.
+fn assert_denied(err: &tonic::Status, why: &str) {
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(why), "{err:?}");
+}
+
 /// `unix:uid:<the test's uid>`.
 fn my_uid_selector() -> String {
     format!("unix:uid:{}", testkit::workload::my_uid())
@@ -328,11 +334,7 @@ async fn exec_after_connect_is_refused() {
         .fetch()
         .await
         .expect_err("trusted identity after exec");
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message().contains("executed another program"),
-        "{err:?}"
-    );
+    assert_denied(&err, "executed another program");
     drop(caller);
     agent.stop().await;
 }
@@ -355,8 +357,7 @@ async fn a_connection_handed_to_another_process_is_refused() {
     let mut ack = [0u8; 1];
     caller.ctl.read_exact(&mut ack).await.unwrap();
     let err = caller.fetch().await.expect_err("identity after hand-over");
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("no longer holds"), "{err:?}");
+    assert_denied(&err, "no longer holds");
     drop(caller);
     agent.stop().await;
 }
@@ -378,8 +379,7 @@ async fn a_connection_whose_process_exited_is_refused() {
         .fetch()
         .await
         .expect_err("identity of an exited process");
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("has exited"), "{err:?}");
+    assert_denied(&err, "has exited");
     drop(caller);
     agent.stop().await;
 }
