@@ -9,6 +9,7 @@ pub mod config;
 pub mod dns;
 pub mod envoy;
 pub mod http;
+pub mod mesh;
 pub mod workload;
 pub mod xds_agent;
 
