@@ -1,12 +1,13 @@
-//! The ADS client ferry's own proxy and DNS use to follow a ferry agent (or any xDS server
-//! serving the same resources).
+//! The ADS client ferry's own proxy and DNS use to follow a ferry agent, or any xDS
+//! control plane that emits the standard Envoy resources a Cofide sidecar receives.
 //!
-//! It subscribes over one SotW ADS stream to every cluster (CDS wildcard) and to the
-//! endpoints of the EDS clusters, decodes each resource into plain domain types
-//! ([`model`]), ACKs what it applied and NACKs (one by one, with the reason) what it could
-//! not, and publishes an immutable [`XdsState`] after every update. When the server goes
-//! away it reconnects with exponential backoff and jitter, and the last good state keeps
-//! serving meanwhile (last-known-good cache).
+//! It subscribes over one SotW ADS stream to every cluster (CDS wildcard), every listener
+//! (LDS wildcard) and the endpoints of the EDS clusters, decodes each resource into plain
+//! domain types ([`model`]), ACKs what it applied and NACKs (one by one, naming the
+//! resource and the field) what it could not, and publishes an immutable [`XdsState`]
+//! after every update. A rejected resource keeps its previous good version. When the
+//! server goes away it reconnects with exponential backoff and jitter, and the last good
+//! state keeps serving meanwhile (last-known-good cache).
 //!
 //! Readers hold a [`StateReader`]: checking for a newer state is one atomic load, so the
 //! data path never waits on a lock or on the network.
@@ -17,39 +18,36 @@
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let client = AdsClient::start(AdsClientConfig::new("http://127.0.0.1:18001"), shutdown);
 //! let mut reader = client.reader();
-//! // On each DNS query / accepted connection:
-//! let vip = reader.current().resolve("server.demo.local.domain");
+//! // On each accepted connection, by its original destination:
+//! let dst: std::net::SocketAddr = ([127, 240, 0, 1], 8443).into();
+//! let cluster = reader.current().route(dst).and_then(|r| r.cluster.cloned());
 //! # }
 //! ```
 
+mod cache;
 pub mod model;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DiscoveryRequest, DiscoveryResponse, Resource as PbResource,
-};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use prost::Message;
 use registry::latest::Latest;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use cache::Cache;
 pub use model::{
-    ClusterInfo, Endpoints, GatewayEndpoint, IstioTls, RemoteService, ResourceError, ServerIdMatch,
-    Transport, XdsState,
+    Discovery, DnsListener, Endpoints, GatewayEndpoint, IstioTls, LdsListener, OutboundChain,
+    OutboundListener, ResourceError, ResourceKind, Route, ServerIdMatch, Upstream, XdsState,
 };
 
 use crate::resources::ResourceType;
@@ -76,12 +74,13 @@ pub struct AdsClientConfig {
 }
 
 impl AdsClientConfig {
-    /// Defaults for a sidecar: node `ferry-proxy`, backoff 100 ms doubling to 15 s.
+    /// Defaults for a sidecar: node `{id: "node", cluster: "cluster"}` (the Cofide sidecar
+    /// bootstrap's), backoff 100 ms doubling to 15 s.
     pub fn new(server: impl Into<String>) -> Self {
         AdsClientConfig {
             server: server.into(),
-            node_id: "ferry-proxy".to_owned(),
-            node_cluster: "ferry".to_owned(),
+            node_id: "node".to_owned(),
+            node_cluster: "cluster".to_owned(),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(5),
@@ -148,6 +147,7 @@ pub enum ClientError {
 pub struct AdsClient {
     state: watch::Receiver<Arc<XdsState>>,
     connection: watch::Receiver<ConnectionState>,
+    last_nack: watch::Receiver<Option<String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -156,10 +156,17 @@ impl AdsClient {
     pub fn start(config: AdsClientConfig, shutdown: CancellationToken) -> AdsClient {
         let (state_tx, state) = watch::channel(Arc::new(XdsState::default()));
         let (conn_tx, connection) = watch::channel(ConnectionState::Connecting);
-        let task = tokio::spawn(run(config, state_tx, conn_tx, shutdown));
+        let (nack_tx, last_nack) = watch::channel(None);
+        let out = Outputs {
+            state: state_tx,
+            connection: conn_tx,
+            last_nack: nack_tx,
+        };
+        let task = tokio::spawn(run(config, out, shutdown));
         AdsClient {
             state,
             connection,
+            last_nack,
             task,
         }
     }
@@ -184,7 +191,13 @@ impl AdsClient {
         self.connection.clone()
     }
 
-    /// Waits until the state is synced (clusters and all their endpoints arrived).
+    /// A watch of the last NACK sent (type, version and every rejected resource with the
+    /// field at fault), for the admin endpoint. It keeps the last one after later ACKs.
+    pub fn last_nack(&self) -> watch::Receiver<Option<String>> {
+        self.last_nack.clone()
+    }
+
+    /// Waits until the state is synced (clusters, listeners and all EDS endpoints arrived).
     pub async fn wait_synced(&self) -> Arc<XdsState> {
         let mut rx = self.state.clone();
         let synced = rx.wait_for(|s| s.synced).await.map(|s| s.clone());
@@ -218,63 +231,21 @@ pub fn backoff(config: &AdsClientConfig, attempt: u32) -> Duration {
     half + half * frac / 1000
 }
 
-/// What the client has applied, across reconnects (the last-known-good cache).
-#[derive(Debug, Default)]
-struct Cache {
-    clusters: BTreeMap<String, ClusterInfo>,
-    endpoints: HashMap<String, Vec<GatewayEndpoint>>,
-    clusters_seen: bool,
-    updates: u64,
-}
-
-impl Cache {
-    fn publish(&mut self, tx: &watch::Sender<Arc<XdsState>>) {
-        self.updates += 1;
-        let mut synced = self.clusters_seen;
-        let services = self
-            .clusters
-            .values()
-            .map(|c| {
-                let endpoints = match &c.inline_endpoints {
-                    Some(e) => e.clone(),
-                    None => match self.endpoints.get(&c.name) {
-                        Some(e) => e.clone(),
-                        None => {
-                            synced = false;
-                            Vec::new()
-                        }
-                    },
-                };
-                RemoteService {
-                    cluster: c.clone(),
-                    endpoints,
-                }
-            })
-            .collect();
-        tx.send_replace(Arc::new(XdsState::new(services, synced, self.updates)));
-    }
-
-    fn eds_names(&self) -> BTreeSet<String> {
-        self.clusters
-            .values()
-            .filter(|c| c.uses_eds())
-            .map(|c| c.name.clone())
-            .collect()
-    }
-}
-
-async fn run(
-    config: AdsClientConfig,
+/// What the client publishes.
+#[derive(Debug)]
+struct Outputs {
     state: watch::Sender<Arc<XdsState>>,
-    conn: watch::Sender<ConnectionState>,
-    shutdown: CancellationToken,
-) {
+    connection: watch::Sender<ConnectionState>,
+    last_nack: watch::Sender<Option<String>>,
+}
+
+async fn run(config: AdsClientConfig, out: Outputs, shutdown: CancellationToken) {
     let mut cache = Cache::default();
     let mut attempt = 0u32;
     while !shutdown.is_cancelled() {
-        conn.send_replace(ConnectionState::Connecting);
+        out.connection.send_replace(ConnectionState::Connecting);
         let result = tokio::select! {
-            r = session(&config, &mut cache, &state, &conn) => r,
+            r = session(&config, &mut cache, &out) => r,
             _ = shutdown.cancelled() => break,
         };
         let error = match result {
@@ -292,10 +263,10 @@ async fn run(
             error = %error,
             attempt,
             retry_in = ?delay,
-            services = cache.clusters.len(),
+            clusters = cache.clusters.len(),
             "xds client: disconnected; still serving the last known config"
         );
-        conn.send_replace(ConnectionState::Disconnected {
+        out.connection.send_replace(ConnectionState::Disconnected {
             attempt,
             error: error.to_string(),
         });
@@ -320,8 +291,7 @@ struct TypeState {
 async fn session(
     config: &AdsClientConfig,
     cache: &mut Cache,
-    state: &watch::Sender<Arc<XdsState>>,
-    conn: &watch::Sender<ConnectionState>,
+    out: &Outputs,
 ) -> Result<std::convert::Infallible, (ClientError, bool)> {
     let server = config.server.clone();
     let endpoint = tonic::transport::Endpoint::from_shared(server.clone())
@@ -353,7 +323,8 @@ async fn session(
         server: server.clone(),
         status,
     };
-    // The first request carries the node; later ones do not need to.
+    // Wildcard CDS and LDS; the first request carries the node, later ones need not.
+    // EDS follows once CDS names the EDS clusters.
     let _ = tx
         .send(DiscoveryRequest {
             node: Some(Node {
@@ -365,12 +336,19 @@ async fn session(
             ..Default::default()
         })
         .await;
+    let _ = tx
+        .send(DiscoveryRequest {
+            type_url: ResourceType::Listener.type_url().to_owned(),
+            ..Default::default()
+        })
+        .await;
     let mut inbound = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
         .map_err(|s| (stream_err(s), false))?
         .into_inner();
     let mut cds = TypeState::default();
+    let mut lds = TypeState::default();
     let mut eds = TypeState::default();
     let mut eds_names: Option<BTreeSet<String>> = None;
     let mut got_response = false;
@@ -389,13 +367,13 @@ async fn session(
         };
         if !got_response {
             got_response = true;
-            conn.send_replace(ConnectionState::Connected);
+            out.connection.send_replace(ConnectionState::Connected);
             tracing::info!(server = %server, "xds client: connected");
         }
         let mut requests = Vec::new();
         match resp.type_url.parse::<ResourceType>() {
             Ok(ResourceType::Cluster) => {
-                let errors = apply_clusters(cache, &resp);
+                let errors = cache.apply_clusters(&resp);
                 requests.push(ack_or_nack(
                     &mut cds,
                     ResourceType::Cluster,
@@ -404,7 +382,6 @@ async fn session(
                     errors,
                 ));
                 let names = cache.eds_names();
-                cache.endpoints.retain(|n, _| names.contains(n));
                 if eds_names.as_ref() != Some(&names) {
                     requests.push(DiscoveryRequest {
                         type_url: ResourceType::Endpoint.type_url().to_owned(),
@@ -416,9 +393,19 @@ async fn session(
                     eds_names = Some(names);
                 }
             }
+            Ok(ResourceType::Listener) => {
+                let errors = cache.apply_listeners(&resp);
+                requests.push(ack_or_nack(
+                    &mut lds,
+                    ResourceType::Listener,
+                    None,
+                    &resp,
+                    errors,
+                ));
+            }
             Ok(ResourceType::Endpoint) => {
-                let errors = apply_endpoints(cache, &resp);
                 let names = eds_names.clone().unwrap_or_default();
+                let errors = cache.apply_endpoints(&resp, &names);
                 requests.push(ack_or_nack(
                     &mut eds,
                     ResourceType::Endpoint,
@@ -427,13 +414,21 @@ async fn session(
                     errors,
                 ));
             }
-            _ => {
+            Err(_) => {
                 tracing::warn!(type_url = %resp.type_url, "xds client: ignoring a response of a type it did not ask for");
                 continue;
             }
         }
-        cache.publish(state);
+        cache.publish(&out.state);
         for r in requests {
+            if let Some(status) = &r.error_detail {
+                out.last_nack.send_replace(Some(format!(
+                    "{} version {:?}: {}",
+                    type_url::short(&r.type_url).unwrap_or("?"),
+                    resp.version_info,
+                    status.message
+                )));
+            }
             if tx.send(r).await.is_err() {
                 return Err((
                     ClientError::Closed {
@@ -446,6 +441,8 @@ async fn session(
     }
 }
 
+/// The ACK (the response's version) or, when any resource was rejected, the NACK (the last
+/// good version, and every rejection in `error_detail`) for a response.
 fn ack_or_nack(
     st: &mut TypeState,
     t: ResourceType,
@@ -463,7 +460,7 @@ fn ack_or_nack(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        tracing::warn!(r#type = %t, version = %resp.version_info, %message, "xds client: rejecting resources (NACK); the rest of the update applies");
+        tracing::warn!(r#type = %t, version = %resp.version_info, %message, "xds client: rejecting resources (NACK); the rest of the update applies and the rejected ones keep their last good version");
         Some(RpcStatus {
             code: tonic::Code::InvalidArgument as i32,
             message,
@@ -478,97 +475,4 @@ fn ack_or_nack(
         error_detail,
         ..Default::default()
     }
-}
-
-/// Decodes resource `index` of a response as `P` (type URL `expected`). A resource may
-/// come bare or in the `envoy.service.discovery.v3.Resource` wrapper (which names it). A
-/// failure names the resource as well as it can be named before decoding: the wrapper's
-/// name, else `<index> of <type URL>`, so the NACK says which one was rejected.
-fn decode<P: Message + Default>(
-    any: &Any,
-    index: usize,
-    expected: &'static str,
-) -> Result<P, ResourceError> {
-    let unnamed = || format!("#{index} of {}", type_url::message_name(&any.type_url));
-    let (name, inner) = if any.type_url == type_url::RESOURCE {
-        match PbResource::decode(any.value.as_slice()) {
-            Ok(r) => {
-                let name = if r.name.is_empty() { unnamed() } else { r.name };
-                (name, r.resource.unwrap_or_default())
-            }
-            Err(e) => {
-                return Err(ResourceError::Decode {
-                    name: unnamed(),
-                    expected: type_url::message_name(expected),
-                    reason: format!("the Resource wrapper does not decode: {e}"),
-                });
-            }
-        }
-    } else {
-        (unnamed(), any.clone())
-    };
-    if type_url::message_name(&inner.type_url) != type_url::message_name(expected) {
-        return Err(ResourceError::Decode {
-            name,
-            expected: type_url::message_name(expected),
-            reason: format!("type URL is {}", inner.type_url),
-        });
-    }
-    P::decode(inner.value.as_slice()).map_err(|e| ResourceError::Decode {
-        name,
-        expected: type_url::message_name(expected),
-        reason: e.to_string(),
-    })
-}
-
-/// Applies a full-state CDS response; a cluster that does not decode keeps its previous
-/// version (if any) and is reported.
-fn apply_clusters(cache: &mut Cache, resp: &DiscoveryResponse) -> Vec<ResourceError> {
-    let mut errors = Vec::new();
-    let mut next = BTreeMap::new();
-    for (i, any) in resp.resources.iter().enumerate() {
-        let decoded = decode::<Cluster>(any, i, type_url::CLUSTER);
-        let cluster = match decoded {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        match ClusterInfo::try_from(&cluster) {
-            Ok(info) => {
-                next.insert(info.name.clone(), info);
-            }
-            Err(e) => {
-                if let Some(prev) = cache.clusters.get(&cluster.name) {
-                    next.insert(prev.name.clone(), prev.clone());
-                }
-                errors.push(e);
-            }
-        }
-    }
-    cache.clusters = next;
-    cache.clusters_seen = true;
-    errors
-}
-
-/// Applies an EDS response (only the resources it carries).
-fn apply_endpoints(cache: &mut Cache, resp: &DiscoveryResponse) -> Vec<ResourceError> {
-    let mut errors = Vec::new();
-    for (i, any) in resp.resources.iter().enumerate() {
-        let cla = match decode::<ClusterLoadAssignment>(any, i, type_url::ENDPOINT) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        match Endpoints::try_from(&cla) {
-            Ok(e) => {
-                cache.endpoints.insert(e.cluster, e.endpoints);
-            }
-            Err(e) => errors.push(e),
-        }
-    }
-    errors
 }

@@ -15,8 +15,8 @@ use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::dns_filter
 use prost::Message;
 
 use super::*;
-use crate::client::{ClusterInfo, Endpoints, ServerIdMatch, Transport};
-use registry::config::{GatewayAddress, TlsMode, parse};
+use crate::client::{Endpoints, ServerIdMatch, Upstream};
+use registry::config::{GatewayAddress, parse};
 
 const AGENT: &str = "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\nlisten:\n  outbound: 0.0.0.0:10000\n  dns: 127.0.0.1:15053\n";
 
@@ -110,11 +110,9 @@ fn hostname_gateways_make_a_strict_dns_cluster_with_inline_endpoints() {
 #[test]
 fn istio_mtls_cluster_carries_sni_alpn_sds_and_exact_sans() {
     let snap = build(&standard(), 1);
-    let info = ClusterInfo::try_from(&cluster_of(&snap, "istio")).unwrap();
-    assert_eq!(info.tls_mode, TlsMode::IstioMtls);
-    assert_eq!(info.port, 8443);
-    assert_eq!(info.hostname, "istio.demo.local.domain");
-    let Transport::IstioMtls(tls) = info.transport else {
+    let info = Upstream::try_from(&cluster_of(&snap, "istio")).unwrap();
+    assert_eq!(info.name, "istio.demo.local.domain_cluster");
+    let Some(tls) = info.tls else {
         panic!("not istio")
     };
     assert_eq!(tls.sni, "outbound_.8443_._.istio.demo.local.domain");
@@ -146,10 +144,8 @@ fn istio_mtls_cluster_carries_sni_alpn_sds_and_exact_sans() {
 
 #[test]
 fn istio_mtls_without_spiffe_id_paths_accepts_the_trust_domain() {
-    let info = ClusterInfo::try_from(&cluster_of(&build(&standard(), 1), "anytd")).unwrap();
-    let Transport::IstioMtls(tls) = info.transport else {
-        panic!()
-    };
+    let info = Upstream::try_from(&cluster_of(&build(&standard(), 1), "anytd")).unwrap();
+    let Some(tls) = info.tls else { panic!() };
     assert_eq!(
         tls.server_ids,
         ServerIdMatch::Prefix("spiffe://local.domain/".into())
@@ -162,12 +158,14 @@ fn istio_mtls_without_spiffe_id_paths_accepts_the_trust_domain() {
 fn cluster_metadata_names_hostname_port_vip_and_mode() {
     let cfg = standard();
     let snap = build(&cfg, 1);
-    let info = ClusterInfo::try_from(&cluster_of(&snap, "plain")).unwrap();
+    let c = cluster_of(&snap, "plain");
     let s = cfg.service("plain.demo.local.domain").unwrap();
-    assert_eq!(info.vip, s.vip);
-    assert_eq!(info.port, 8443);
-    assert_eq!(info.tls_mode, TlsMode::Mtls);
-    assert_eq!(info.transport, Transport::Passthrough);
+    let m = c.metadata.as_ref();
+    assert_eq!(meta::get_string(m, meta::VIP), Some(s.vip.to_string().as_str()));
+    assert_eq!(meta::get_number(m, meta::PORT), Some(8443.0));
+    assert_eq!(meta::get_string(m, meta::TLS_MODE), Some("Mtls"));
+    // Mtls: raw TCP, as the ADS client sees it too.
+    assert_eq!(Upstream::try_from(&c).unwrap().tls, None);
 }
 
 #[test]
