@@ -89,8 +89,9 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The table from ferry's ADS client: each cluster's hostname and VIP from its `ferry`
-/// metadata. The client lives as long as `stop` is not cancelled.
+/// The table from ferry's ADS client: the `dns` listener's inline table (the standard
+/// `dns_filter` resource a sidecar's Envoy would serve), following xDS updates. The client
+/// lives as long as `stop` is not cancelled.
 fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable>> {
     let url = if url.contains("://") {
         url.to_owned()
@@ -101,12 +102,7 @@ fn from_xds(url: &str, stop: &CancellationToken) -> watch::Receiver<Arc<DnsTable
     client_cfg.node_id = "ferry-dns".to_owned();
     let client = AdsClient::start(client_cfg, stop.clone());
     dns::follow(client.subscribe(), |state: &XdsState| {
-        DnsTable::new(
-            state
-                .services
-                .values()
-                .map(|s| (s.cluster.hostname.as_str(), s.cluster.vip)),
-        )
+        DnsTable::new(state.dns_table())
     })
 }
 

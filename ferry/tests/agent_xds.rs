@@ -42,10 +42,12 @@ async fn agent_serves_the_registry_over_ads() {
     let state = tokio::time::timeout(Duration::from_secs(10), client.wait_synced())
         .await
         .expect("synced from ferry agent");
-    let svc = &state.services["server.demo.client.domain"];
-    assert_eq!(svc.cluster.port, 8443);
-    assert_eq!(svc.endpoints.len(), 1);
-    assert!(state.resolve("server.demo.client.domain").is_some());
+    let vip = state
+        .resolve("server.demo.client.domain")
+        .expect("the dns listener names the service");
+    let route = state.route((vip, 8443).into()).expect("the VIP routes");
+    assert_eq!(route.chain.cluster, "server.demo.client.domain_cluster");
+    assert_eq!(route.cluster.expect("cluster known").endpoints.len(), 1);
 
     // The admin endpoint shows the open stream and what was ACKed.
     let m = testkit::http::get(admin, "/metrics")

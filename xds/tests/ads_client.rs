@@ -1,5 +1,8 @@
-//! ferry's own ADS client against ferry's server: typed state, hot-reload updates,
-//! last-known-good while the server is away, reconnect with backoff.
+//! ferry's own ADS client against ferry's server (the in-process agent): routing, endpoints
+//! and the DNS table from the standard resources, hot-reload updates, last-known-good while
+//! the server is away, reconnect with backoff. (The NACK round trip against the same
+//! server code is `xds::client::tests::nack_round_trip_with_the_real_server`: only a unit
+//! test can make ferry's translator emit a resource ferry's client refuses.)
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -10,7 +13,7 @@ use std::time::Duration;
 use registry::config::GatewayAddress;
 use testkit::xds_agent::{Agent, Gw, Ports, agent_doc, host, service_doc};
 use tokio_util::sync::CancellationToken;
-use xds::client::{AdsClient, AdsClientConfig, ConnectionState, Transport, XdsState};
+use xds::client::{AdsClient, AdsClientConfig, ConnectionState, Discovery, XdsState};
 
 async fn wait_state(
     client: &AdsClient,
@@ -53,27 +56,58 @@ async fn client_follows_the_registry_and_survives_server_restarts() {
     let state = tokio::time::timeout(Duration::from_secs(10), client.wait_synced())
         .await
         .expect("synced");
-    assert_eq!(state.services.len(), 2);
+    assert_eq!(state.clusters.len(), 2);
     let cfg_now = agent.config.borrow().clone();
     let alpha_vip = cfg_now.service(&host("alpha")).unwrap().vip;
+    let bravo_vip = cfg_now.service(&host("bravo")).unwrap().vip;
     assert_eq!(state.resolve(&host("alpha")), Some(alpha_vip));
-    let alpha = state.by_destination((alpha_vip, 8443).into()).unwrap();
-    let Transport::IstioMtls(tls) = &alpha.cluster.transport else {
-        panic!("alpha is IstioMtls")
-    };
+    let route = state.route((alpha_vip, 8443).into()).expect("alpha routes");
+    let alpha = route.cluster.expect("alpha's cluster is known");
+    assert_eq!(alpha.discovery, Discovery::Eds);
+    let tls = alpha.tls.as_ref().expect("alpha is IstioMtls");
     assert_eq!(tls.sni, format!("outbound_.8443_._.{}", host("alpha")));
     assert!(
         tls.server_ids
             .accepts("spiffe://local.domain/ns/demo/sa/alpha")
     );
-    assert_eq!(alpha.endpoints.len(), 2);
-    assert_eq!(alpha.preferred_endpoints().len(), 1);
-    assert_eq!(alpha.preferred_endpoints()[0].port, 15443);
-    let bravo = &state.services[&host("bravo")];
-    assert_eq!(bravo.cluster.transport, Transport::Passthrough);
+    let eps: Vec<_> = alpha
+        .endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.port, e.priority, e.weight))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            ("10.0.0.1".to_owned(), 15443, 0, 1),
+            ("10.0.0.2".to_owned(), 443, 1, 1)
+        ]
+    );
+    let bravo = state
+        .route((bravo_vip, 9443).into())
+        .unwrap()
+        .cluster
+        .unwrap();
+    assert!(bravo.tls.is_none());
+    assert_eq!(bravo.discovery, Discovery::StrictDns);
     assert_eq!(
         bravo.endpoints[0].address,
         GatewayAddress::Hostname("gw.example.com".into())
+    );
+    let mut vips = state.vips();
+    vips.sort();
+    let mut want = vec![(alpha_vip, 8443).into(), (bravo_vip, 9443).into()];
+    want.sort();
+    assert_eq!(vips, want);
+    let names: Vec<String> = state
+        .dns_table()
+        .iter()
+        .map(|(h, _)| h.to_string())
+        .collect();
+    assert_eq!(names, vec![host("alpha"), host("bravo")]);
+    assert_eq!(state.dns.as_ref().unwrap().address, ports.dns);
+    assert!(
+        client.last_nack().borrow().is_none(),
+        "ferry's own output is all supported"
     );
     assert_eq!(*client.connection().borrow(), ConnectionState::Connected);
 
@@ -85,14 +119,17 @@ async fn client_follows_the_registry_and_survives_server_restarts() {
         &[Gw("istio-eastwestgateway", "10.0.0.9", 15443)],
     );
     agent.write(&format!("{}{a2}", agent_doc(ports)));
+    let alpha_cluster = format!("{}_cluster", host("alpha"));
     let state = wait_state(&client, "the edit", |s| {
-        s.services.len() == 1
-            && s.services.get(&host("alpha")).is_some_and(|a| {
+        s.clusters.len() == 1
+            && s.dns_table().len() == 1
+            && s.cluster(&alpha_cluster).is_some_and(|a| {
                 a.endpoints.len() == 1 && a.endpoints[0].address.to_string() == "10.0.0.9"
             })
     })
     .await;
     assert!(state.synced);
+    assert!(state.route((bravo_vip, 9443).into()).is_none());
 
     // The server goes away: the last good state keeps serving.
     drop(agent);
@@ -105,7 +142,10 @@ async fn client_follows_the_registry_and_survives_server_restarts() {
     .expect("notices the server is gone")
     .unwrap();
     let mut reader = client.reader();
-    assert_eq!(reader.current().resolve(&host("alpha")), Some(alpha_vip));
+    let last = reader.current();
+    assert_eq!(last.resolve(&host("alpha")), Some(alpha_vip));
+    let r = last.route((alpha_vip, 8443).into()).unwrap();
+    assert_eq!(r.cluster.unwrap().endpoints[0].port, 15443);
 
     // A server comes back on the same address with a new registry: the client reconnects
     // (backoff) and converges.
@@ -116,11 +156,19 @@ async fn client_follows_the_registry_and_survives_server_restarts() {
         &[Gw("istio-eastwestgateway", "10.0.0.3", 15443)],
     );
     let agent2 = Agent::start_on(&format!("{}{a2}{c}", agent_doc(ports)), addr).await;
-    wait_state(&client, "the new registry after reconnect", |s| {
-        s.services.contains_key(&host("charlie")) && s.synced
+    let state = wait_state(&client, "the new registry after reconnect", |s| {
+        s.resolve(&host("charlie")).is_some() && s.synced
     })
     .await;
-    assert_eq!(reader.current().services.len(), 2);
+    let charlie_vip = state.resolve(&host("charlie")).unwrap();
+    assert!(
+        state
+            .route((charlie_vip, 7443).into())
+            .unwrap()
+            .cluster
+            .is_some()
+    );
+    assert_eq!(reader.current().clusters.len(), 2);
     assert_eq!(*client.connection().borrow(), ConnectionState::Connected);
     shutdown.cancel();
     drop(agent2);
