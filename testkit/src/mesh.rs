@@ -188,16 +188,11 @@ pub fn gateway_bootstrap(listen: SocketAddr, admin_port: u16, routes: &[GatewayR
     )
 }
 
+/// An SDS secret reference to `name` over the `sds-grpc` cluster, as a one-line YAML flow
+/// mapping (so it fits any indentation).
 fn sds_config(name: &str) -> String {
     format!(
-        r#"name: {name}
-                      sds_config:
-                        resource_api_version: V3
-                        api_config_source:
-                          api_type: GRPC
-                          transport_api_version: V3
-                          grpc_services:
-                            - envoy_grpc: {{ cluster_name: sds-grpc }}"#
+        "{{ name: {name}, sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: sds-grpc }} }}] }} }} }}"
     )
 }
 
@@ -250,8 +245,7 @@ pub fn inbound_bootstrap(
                     match_typed_subject_alt_names:
                       - san_type: URI
                         matcher: {{ prefix: "spiffe://{trust_domain}/" }}
-                  validation_context_sds_secret_config:
-                    {roots}
+                  validation_context_sds_secret_config: {roots}
 {proxy}  clusters:
 {app_cluster}    - name: sds-grpc
       type: STATIC
@@ -279,10 +273,12 @@ pub fn inbound_bootstrap(
     )
 }
 
-/// The access-log lines tagged `tag` in an Envoy log.
+/// The access-log lines tagged `tag` in an Envoy log (lines starting with it; Envoy's own
+/// debug lines that quote the format are left out).
 pub fn access_lines(log: &str, tag: &str) -> Vec<String> {
     log.lines()
-        .filter_map(|l| l.find(tag).map(|i| l[i..].to_owned()))
+        .filter(|l| l.starts_with(tag))
+        .map(str::to_owned)
         .collect()
 }
 
