@@ -37,7 +37,7 @@ pub const METADATA_KEY: &str = "x-envoy-peer-metadata";
 pub const METADATA_ID_KEY: &str = "x-envoy-peer-metadata-id";
 
 /// Errors of the metadata exchange, in the codec and on the stream.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MxError {
     /// The header announces a body over [`MAX_FRAME`].
     #[error(
