@@ -104,8 +104,19 @@ pub(crate) async fn try_bidirectional_with(
             &counts.upstream_to_client,
             &mut progressed,
         )?;
-        if a.is_ready() && b.is_ready() {
-            return Poll::Ready(Ok(Spliced::Done));
+        match (a, b) {
+            (Poll::Ready(DirectionEnd::Unsupported(side, e)), _)
+            | (_, Poll::Ready(DirectionEnd::Unsupported(side, e))) => {
+                // Falling back is only safe while no splice has moved a byte or an EOF.
+                if c2u.fresh && u2c.fresh {
+                    return Poll::Ready(Ok(Spliced::Unsupported(e)));
+                }
+                return Poll::Ready(Err(CopyError::from_io(side, e)));
+            }
+            (Poll::Ready(DirectionEnd::Done), Poll::Ready(DirectionEnd::Done)) => {
+                return Poll::Ready(Ok(Spliced::Done));
+            }
+            _ => {}
         }
         idle.poll(cx, progressed)
     })
@@ -125,8 +136,14 @@ pub(crate) async fn try_bidirectional_with(
 enum Spliced {
     /// Both directions done.
     Done,
-    /// The first splice said these sockets cannot be spliced: nothing moved, copy instead.
+    /// The first splice said these sockets cannot be spliced: copy instead if nothing moved.
     Unsupported(io::Error),
+}
+
+/// What a `Direction` reports: done, or splice unsupported on the first splice from `Side`.
+enum DirectionEnd {
+    Done,
+    Unsupported(Side, io::Error),
 }
 
 /// A non-blocking pipe used as the in-kernel buffer of one direction.
@@ -159,7 +176,8 @@ struct Direction {
     in_pipe: usize,
     read_done: bool,
     done: bool,
-    /// No splice has succeeded yet in this direction (an EINVAL now means "unsupported").
+    /// No splice has succeeded yet in this direction, not even an EOF (an EINVAL now means
+    /// "unsupported", and falling back to copying is safe if the other direction is fresh too).
     fresh: bool,
     from: Side,
     to: Side,
@@ -187,9 +205,9 @@ impl Direction {
         dst: &TcpStream,
         count: &AtomicU64,
         progressed: &mut bool,
-    ) -> Poll<Result<Spliced, CopyError>> {
+    ) -> Poll<Result<DirectionEnd, CopyError>> {
         if self.done {
-            return Poll::Ready(Ok(Spliced::Done));
+            return Poll::Ready(Ok(DirectionEnd::Done));
         }
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         loop {
@@ -218,7 +236,7 @@ impl Direction {
                     .shutdown(std::net::Shutdown::Write)
                     .map_err(|e| CopyError::from_io(self.to, e))?;
                 self.done = true;
-                return Poll::Ready(Ok(Spliced::Done));
+                return Poll::Ready(Ok(DirectionEnd::Done));
             }
 
             ready!(src.poll_read_ready(cx)).map_err(|e| CopyError::from_io(self.from, e))?;
@@ -227,7 +245,10 @@ impl Direction {
                     .map_err(io::Error::from)
             });
             match res {
-                Ok(0) => self.read_done = true,
+                Ok(0) => {
+                    self.read_done = true;
+                    self.fresh = false;
+                }
                 Ok(n) => {
                     self.in_pipe = n;
                     self.fresh = false;
@@ -240,7 +261,7 @@ impl Direction {
                         Some(Errno::EINVAL | Errno::ENOSYS)
                     );
                     if unsupported && self.fresh {
-                        return Poll::Ready(Ok(Spliced::Unsupported(e)));
+                        return Poll::Ready(Ok(DirectionEnd::Unsupported(self.from, e)));
                     }
                     return Poll::Ready(Err(CopyError::from_io(self.from, e)));
                 }
@@ -286,6 +307,44 @@ mod tests {
         let (res, ()) = tokio::join!(proxy, peers);
         res.unwrap();
         assert_eq!(counts.snapshot(), (5, 6));
+    }
+
+    /// A first splice that fails with EINVAL (here: the "pipe" is /dev/null, which splice
+    /// refuses) falls back to copying, with nothing lost.
+    #[tokio::test]
+    async fn falls_back_to_copy_when_the_first_splice_is_refused() {
+        let (mut app, mut client) = pair().await;
+        let (mut upstream, mut server) = pair().await;
+        let counts = Transferred::default();
+        let cfg = CopyConfig::default();
+        let not_a_pipe = || {
+            let null = || {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            };
+            Ok(Pipe {
+                read: OwnedFd::from(null()?),
+                write: OwnedFd::from(null()?),
+                size: 4096,
+            })
+        };
+        let proxy = try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, not_a_pipe);
+        let peers = async {
+            app.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ping");
+            server.write_all(b"pong").await.unwrap();
+            app.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+            app.shutdown().await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (res, ()) = tokio::join!(proxy, peers);
+        res.unwrap();
+        assert_eq!(counts.snapshot(), (4, 4));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the TLS path) and `splice::bidirectional` (plain passthrough) must behave the same for
 //! bulk data, half-close, idle timeout and resets.
 
+#![allow(clippy::unwrap_used)] // test setup: a failure should panic with its cause
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
