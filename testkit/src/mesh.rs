@@ -310,8 +310,16 @@ impl Request {
     }
 }
 
+/// `METHOD SP target SP HTTP/1.x` with an upper-case ASCII method.
+fn well_formed(line: &str) -> bool {
+    let parts: Vec<&str> = line.split(' ').collect();
+    matches!(parts.as_slice(), [m, t, v]
+        if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase())
+            && !t.is_empty() && v.starts_with("HTTP/1."))
+}
+
 /// Reads one HTTP/1.1 request head (and discards a `Content-Length` body), answers `200`
-/// with `body` and `Connection: close`. `None` if the peer sent no complete request.
+/// with `body` (`400` for a malformed request line) and `Connection: close`. `None` if the peer sent no complete request.
 async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, body: &str) -> Option<Request> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -354,8 +362,18 @@ async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, body: &str) -> 
             Ok(n) => have += n,
         }
     }
+    // Bytes a proxy should have stripped (a metadata-exchange frame, a TLS record) in
+    // front of the request line make it malformed: answer 400 so the client sees it.
+    let (status, body) = if well_formed(&req.line) {
+        ("200 OK", body.to_owned())
+    } else {
+        (
+            "400 Bad Request",
+            format!("malformed request line {:?}", req.line),
+        )
+    };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(resp.as_bytes()).await.ok()?;
@@ -363,8 +381,9 @@ async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, body: &str) -> 
     Some(req)
 }
 
-/// A plain HTTP/1.1 server: answers every request `200` with the body `pong from <name>`
-/// and closes; records each request. Stops when dropped.
+/// A plain HTTP/1.1 server: answers every well-formed request `200` with the body `pong
+/// from <name>` (a malformed one, e.g. with stray proxy bytes in front, `400`) and closes;
+/// records each request. Stops when dropped.
 pub struct HttpServer {
     addr: SocketAddr,
     name: String,
@@ -848,4 +867,202 @@ pub async fn plain_get(addr: SocketAddr, host: &str) -> Result<String, Error> {
             what: format!("an HTTP response from {addr}"),
             timeout: Duration::from_secs(10),
         })?
+}
+
+/// The tracing target of ferry's per-connection access-log lines.
+pub const FERRY_ACCESS_TARGET: &str = "ferry::access";
+
+/// A child process under test (`ferry agent`, `ferry proxy`) with stdout and stderr in a
+/// log file, killed when dropped: the log outlives a crash so a failed assertion can show
+/// it.
+pub struct Spawned {
+    name: String,
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Spawned {
+    /// Starts `program args` with `envs` (on top of the inherited environment), logging
+    /// to `<log_dir>/<name>.log`.
+    pub fn start(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Self, Error> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).map_err(Error::io(format!("create {name}.log")))?;
+        let err = out.try_clone().map_err(Error::io("dup log file"))?;
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(Error::io(format!("spawn {name}: {}", program.display())))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` lines of its log, headed by its name (for assertion messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- {} log (last {n} lines) ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
+    /// Its access-log lines (those naming [`FERRY_ACCESS_TARGET`]).
+    pub fn access_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(FERRY_ACCESS_TARGET))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until an access-log line satisfies `pred` and returns it.
+    pub async fn wait_access(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.access_lines().into_iter().find(|l| pred(l)) {
+                return Ok(l);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("a matching access-log line from {}", self.name),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `GET admin/ready` answers 200; fails at once if the process exits.
+    pub async fn wait_ready(&mut self, admin: SocketAddr, timeout: Duration) -> Result<(), Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::Unexpected(format!(
+                    "{} exited ({status}) before it was ready\n{}",
+                    self.name,
+                    self.log_tail(40)
+                )));
+            }
+            if crate::http::get(admin, "/ready")
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Unexpected(format!(
+                    "{} not ready on http://{admin}/ready after {timeout:?}\n{}",
+                    self.name,
+                    self.log_tail(40)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+/// A `FederatedService` document (starting with `---`) for `<name>.demo.<agent's trust
+/// domain>`: the agent's own trust domain (no annotation), server identity
+/// `/ns/demo/sa/<name>`, one east-west gateway at `gateway`.
+pub fn own_domain_service(name: &str, port: u16, tls_mode: &str, gateway: SocketAddr) -> String {
+    format!(
+        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  name: {name}\n  namespace: demo\n  port: {port}\n  exportedTrustDomains: [client.domain]\n  spiffeIDPaths: [/ns/demo/sa/{name}]\n  tlsMode: {tls_mode}\n  gateways:\n    - type: istio-eastwestgateway\n      port: {}\n      ip: {}\n",
+        gateway.port(),
+        gateway.ip()
+    )
+}
+
+/// The command line of `ferry proxy` for a test: Workload API socket given, admin and
+/// capture listener on free loopback ports, DNS off; more flags with [`ProxyCmd::arg`].
+#[derive(Debug, Clone)]
+pub struct ProxyCmd {
+    /// `--admin`.
+    pub admin: SocketAddr,
+    /// `--outbound` (the capture listener).
+    pub outbound: SocketAddr,
+    args: Vec<String>,
+}
+
+impl ProxyCmd {
+    /// `ferry proxy --workload-api unix://<socket> --admin .. --outbound .. --dns off`.
+    pub fn new(workload_socket: &Path) -> Self {
+        let admin: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+        let outbound: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+        let args = [
+            "proxy".to_owned(),
+            "--workload-api".to_owned(),
+            format!("unix://{}", workload_socket.display()),
+            "--admin".to_owned(),
+            admin.to_string(),
+            "--outbound".to_owned(),
+            outbound.to_string(),
+            "--dns".to_owned(),
+            "off".to_owned(),
+        ];
+        Self {
+            admin,
+            outbound,
+            args: args.into(),
+        }
+    }
+
+    /// One more `--flag value`.
+    pub fn arg(mut self, flag: &str, value: impl std::fmt::Display) -> Self {
+        self.args.push(flag.to_owned());
+        self.args.push(value.to_string());
+        self
+    }
+
+    /// One more bare `--flag`.
+    pub fn flag(mut self, flag: &str) -> Self {
+        self.args.push(flag.to_owned());
+        self
+    }
+
+    /// The arguments, starting with `proxy`.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+}
+
+/// The text after `key=` in a log line up to the next `key=` of another field (tracing
+/// text values may contain spaces when quoted); `None` if absent.
+pub fn log_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!(" {key}=");
+    let start = line.find(&needle)? + needle.len();
+    let rest = &line[start..];
+    let rest = rest.strip_prefix('"').map_or_else(
+        || rest.split(' ').next().unwrap_or(rest),
+        |q| q.split('"').next().unwrap_or(q),
+    );
+    Some(rest)
 }

@@ -1,0 +1,486 @@
+//! `ferry proxy` against the real peers it must interoperate with (stock Envoy, as the
+//! Istio east-west gateway, as the Istio inbound sidecar, and as the Cofide sidecar fed by
+//! `ferry agent`), with `ferry agent` serving xDS and the Workload API:
+//!
+//! - plain HTTP client -> `ferry proxy --bind-vips` -> Envoy AUTO_PASSTHROUGH gateway ->
+//!   `ferry proxy --inbound` -> app; both proxies log the peer's SPIFFE ID and metadata;
+//! - `ferry proxy` outbound -> Envoy inbound sidecar (no MX filter, no Istio ALPN
+//!   negotiated) -> app; Envoy logs ferry's SPIFFE ID;
+//! - Envoy sidecar (offers `istio-peer-exchange`, sends no MX frame) -> `ferry proxy
+//!   --inbound` -> app: the bytes pass through untouched;
+//! - `Mtls`: a rustls client with its own SVID -> `ferry proxy --bind-vips` -> Envoy
+//!   PASSTHROUGH gateway -> the mTLS server app, handshake untouched.
+//!
+//! One trust domain (`local.domain`, the agent's own): the client SVID is selected by uid
+//! alone, the server SVID also by `unix:path:` of the server-side process (a copy of the
+//! ferry binary, Envoy's executable, or this test), so each process holds the identity of
+//! its role. Stock Envoy missing fails under `CI=true`.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use testkit::config::{AgentDoc, Entry};
+use testkit::envoy::Envoy;
+use testkit::mesh::{self, GatewayRoute, HttpServer, MtlsServer, ProxyCmd, Spawned};
+
+const TD: &str = "local.domain";
+const HOST: &str = "server.demo.local.domain";
+const CLIENT_ID: &str = "spiffe://local.domain/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://local.domain/ns/demo/sa/server";
+const READY: Duration = Duration::from_secs(30);
+
+fn loopback(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", testkit::workload::my_uid())
+}
+
+fn path_selector(p: &Path) -> String {
+    format!("unix:path:{}", p.display())
+}
+
+/// `ferry agent` for trust domain `local.domain` in its own dir: xDS on a free port, the
+/// Workload API at `<dir>/agent.sock`, the given entries and FederatedService docs.
+struct Zone {
+    dir: testkit::TempDir,
+    config: PathBuf,
+    xds: SocketAddr,
+    socket: PathBuf,
+    agent: Spawned,
+}
+
+impl Zone {
+    async fn start(
+        dir: testkit::TempDir,
+        outbound: SocketAddr,
+        entries: &[Entry<'_>],
+        services: &str,
+    ) -> Zone {
+        let xds = loopback(testkit::free_port());
+        let dns = loopback(testkit::xds_agent::free_udp_port());
+        let mut doc = AgentDoc::in_dir(TD, dir.path())
+            .listen("xds", xds)
+            .listen("outbound", outbound)
+            .listen("dns", dns)
+            .ca("svidTtl", "1h");
+        for e in entries {
+            doc = doc.entry(e);
+        }
+        let config = dir.path().join("ferry.yaml");
+        std::fs::write(&config, doc.raw(services).render()).unwrap();
+        let agent = Spawned::start(
+            "agent",
+            Path::new(env!("CARGO_BIN_EXE_ferry")),
+            &[
+                "agent".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            &[],
+            dir.path(),
+        )
+        .unwrap();
+        let socket = dir.path().join("agent.sock");
+        testkit::wait_for_port(xds, READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+        testkit::wait_until("the Workload API socket", READY, || {
+            let s = socket.clone();
+            async move { s.exists() }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+        Zone {
+            dir,
+            config,
+            xds,
+            socket,
+            agent,
+        }
+    }
+
+    /// The VIP the agent allocated to `host` (`ferry config vips`).
+    fn vip(&self, host: &str) -> IpAddr {
+        let vips = common::vips(&self.config);
+        vips.get(host)
+            .unwrap_or_else(|| panic!("no VIP for {host} in {vips:?}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Starts `ferry proxy` (or the binary at `bin`) with `cmd`, waits for `/ready`.
+    async fn proxy(&self, name: &str, bin: &Path, cmd: &ProxyCmd) -> Spawned {
+        let mut p = Spawned::start(name, bin, cmd.args(), &[], self.dir.path()).unwrap();
+        p.wait_ready(cmd.admin, READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.agent.log_tail(20)));
+        p
+    }
+
+    /// The client-side proxy: xDS from the agent, VIPs bound by the proxy.
+    async fn outbound_proxy(&self) -> (Spawned, ProxyCmd) {
+        let cmd = ProxyCmd::new(&self.socket)
+            .arg("--xds", format!("http://{}", self.xds))
+            .flag("--bind-vips")
+            .arg("--node-id", "client-node")
+            .arg("--workload-name", "client")
+            .arg("--namespace", "demo")
+            .arg("--cluster-id", "client-cluster")
+            .arg("--label", "app=client");
+        let p = self
+            .proxy(
+                "ferry-outbound",
+                Path::new(env!("CARGO_BIN_EXE_ferry")),
+                &cmd,
+            )
+            .await;
+        (p, cmd)
+    }
+
+    /// The server-side proxy: inbound listener in front of `app`, no xDS.
+    async fn inbound_proxy(&self, bin: &Path, inbound: SocketAddr, app: SocketAddr) -> Spawned {
+        let cmd = ProxyCmd::new(&self.socket)
+            .arg("--inbound", inbound)
+            .arg("--inbound-app", app)
+            .arg("--node-id", "server-node")
+            .arg("--workload-name", "server")
+            .arg("--namespace", "demo")
+            .arg("--cluster-id", "server-cluster")
+            .arg("--label", "app=server");
+        self.proxy("ferry-inbound", bin, &cmd).await
+    }
+}
+
+/// Retries `attempt` for 30 s (listeners appear as xDS and SDS settle), then panics with
+/// the last error and `logs()`.
+async fn retry<T, F, Fut>(what: &str, logs: impl Fn() -> String, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}\n{}", logs()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// `GET /` through `addr` until the app's `200` comes back.
+async fn get_through(addr: SocketAddr, app: &HttpServer, logs: impl Fn() -> String) -> String {
+    let body = app.body();
+    retry(&format!("GET via {addr}"), logs, || {
+        let body = body.clone();
+        async move {
+            let r = mesh::plain_get(addr, HOST)
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.starts_with("HTTP/1.1 200") && r.ends_with(&body) {
+                Ok(r)
+            } else {
+                Err(format!("unexpected response {r:?}"))
+            }
+        }
+    })
+    .await
+}
+
+fn meta_mentions(line: &str, what: &str) -> bool {
+    line.split_once("peer_meta=")
+        .is_some_and(|(_, m)| m.contains(what))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gateway() {
+    let Some(bin) = testkit::envoy::require() else {
+        return;
+    };
+    let dir = testkit::tempdir().unwrap();
+    let server_bin = dir.path().join("ferry-server");
+    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &server_bin).unwrap();
+    let app = HttpServer::start("app", loopback(0)).await.unwrap();
+    let svc_port = testkit::free_port();
+    let gateway_addr = loopback(testkit::free_port());
+    let inbound_addr = loopback(testkit::free_port());
+    let zone = Zone::start(
+        dir,
+        loopback(testkit::free_port()),
+        &[
+            Entry::new(SERVER_ID, [uid_selector(), path_selector(&server_bin)]),
+            Entry::new(CLIENT_ID, [uid_selector()]),
+        ],
+        &mesh::own_domain_service("server", svc_port, "IstioMtls", gateway_addr),
+    )
+    .await;
+    let admin = testkit::free_port();
+    let gateway = Envoy::start(
+        &bin,
+        &mesh::gateway_bootstrap(
+            gateway_addr,
+            admin,
+            &[GatewayRoute::auto_passthrough(svc_port, HOST, inbound_addr)],
+        ),
+        admin,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+    let inbound = zone
+        .inbound_proxy(&server_bin, inbound_addr, app.addr())
+        .await;
+    let (outbound, _) = zone.outbound_proxy().await;
+    let vip = zone.vip(HOST);
+    let logs = || {
+        format!(
+            "{}\n{}\n--- gateway ---\n{}",
+            outbound.log_tail(40),
+            inbound.log_tail(40),
+            gateway.log_tail(30)
+        )
+    };
+
+    get_through((vip, svc_port).into(), &app, logs).await;
+
+    let line = inbound
+        .wait_access(Duration::from_secs(10), |l| l.contains(CLIENT_ID))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(
+        meta_mentions(&line, "client"),
+        "inbound: no client MX metadata: {line}"
+    );
+    let line = outbound
+        .wait_access(Duration::from_secs(10), |l| l.contains(SERVER_ID))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(
+        meta_mentions(&line, "server"),
+        "outbound: no server MX metadata: {line}"
+    );
+    assert!(
+        line.contains(&gateway_addr.to_string()),
+        "outbound endpoint: {line}"
+    );
+    testkit::wait_for_log(
+        &gateway.log_path(),
+        &format!(
+            "{} sni={} upstream={inbound_addr}",
+            mesh::GATEWAY_LOG_TAG,
+            mesh::auto_passthrough_sni(svc_port, HOST)
+        ),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!(app.requests().len(), 1, "{:?}", app.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_inbound_accepts_ferry_outbound_and_logs_its_spiffe_id() {
+    let Some(bin) = testkit::envoy::require() else {
+        return;
+    };
+    let envoy_exe = testkit::envoy::executable(&bin).expect("the real Envoy executable");
+    let app = HttpServer::start("app", loopback(0)).await.unwrap();
+    let svc_port = testkit::free_port();
+    let inbound_addr = loopback(testkit::free_port());
+    let zone = Zone::start(
+        testkit::tempdir().unwrap(),
+        loopback(testkit::free_port()),
+        &[
+            Entry::new(SERVER_ID, [uid_selector(), path_selector(&envoy_exe)]),
+            Entry::new(CLIENT_ID, [uid_selector()]),
+        ],
+        // The "gateway" is the sidecar itself: ferry dials it directly.
+        &mesh::own_domain_service("server", svc_port, "IstioMtls", inbound_addr),
+    )
+    .await;
+    let admin = testkit::free_port();
+    let inbound = Envoy::start(
+        &bin,
+        &mesh::inbound_bootstrap(inbound_addr, admin, &zone.socket, TD, app.addr()),
+        admin,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("inbound Envoy: {e}"));
+    inbound
+        .wait_admin("/certs", READY, |b| b.contains(SERVER_ID))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (outbound, _) = zone.outbound_proxy().await;
+    let vip = zone.vip(HOST);
+    let logs = || {
+        format!(
+            "{}\n--- envoy inbound ---\n{}",
+            outbound.log_tail(40),
+            inbound.log_tail(40)
+        )
+    };
+
+    // An exact `pong` also proves ferry sent no MX frame: no Istio ALPN was negotiated,
+    // and stray bytes in front of the request would make the app answer 400.
+    get_through((vip, svc_port).into(), &app, logs).await;
+
+    testkit::wait_for_log(
+        &inbound.log_path(),
+        &format!("{} peer={CLIENT_ID}", mesh::INBOUND_LOG_TAG),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let line = outbound
+        .wait_access(Duration::from_secs(10), |l| l.contains(SERVER_ID))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(line.contains("peer_meta="), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_sidecar_without_mx_reaches_ferry_inbound_which_passes_bytes_through() {
+    let Some(bin) = testkit::envoy::require() else {
+        return;
+    };
+    let dir = testkit::tempdir().unwrap();
+    let server_bin = dir.path().join("ferry-server");
+    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &server_bin).unwrap();
+    let app = HttpServer::start("app", loopback(0)).await.unwrap();
+    let svc_port = testkit::free_port();
+    let inbound_addr = loopback(testkit::free_port());
+    // Envoy's outbound listener takes the service port on every address (as in
+    // istio_mtls_envoy.rs); the client connects to the VIP on it.
+    let zone = Zone::start(
+        dir,
+        ([0, 0, 0, 0], svc_port).into(),
+        &[
+            Entry::new(SERVER_ID, [uid_selector(), path_selector(&server_bin)]),
+            Entry::new(CLIENT_ID, [uid_selector()]),
+        ],
+        &mesh::own_domain_service("server", svc_port, "IstioMtls", inbound_addr),
+    )
+    .await;
+    let inbound = zone
+        .inbound_proxy(&server_bin, inbound_addr, app.addr())
+        .await;
+    let sidecar = Envoy::start_sidecar(&bin, zone.xds, &zone.socket)
+        .await
+        .unwrap_or_else(|e| panic!("Envoy sidecar: {e}"));
+    let vip = zone.vip(HOST);
+    let logs = || {
+        format!(
+            "{}\n--- envoy sidecar ---\n{}",
+            inbound.log_tail(40),
+            sidecar.log_tail(60)
+        )
+    };
+
+    let r = get_through((vip, svc_port).into(), &app, logs).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let line = inbound
+        .wait_access(Duration::from_secs(10), |l| l.contains(CLIENT_ID))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(line.contains("peer_meta="), "{line}");
+    assert_eq!(app.requests().len(), 1, "{:?}", app.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_untouched() {
+    let Some(bin) = testkit::envoy::require() else {
+        return;
+    };
+    let me = std::env::current_exe().unwrap();
+    let svc_port = testkit::free_port();
+    let gateway_addr = loopback(testkit::free_port());
+    let zone = Zone::start(
+        testkit::tempdir().unwrap(),
+        loopback(testkit::free_port()),
+        &[
+            Entry::new(CLIENT_ID, [uid_selector()]),
+            Entry::new(SERVER_ID, [uid_selector(), path_selector(&me)]),
+        ],
+        &mesh::own_domain_service("server", svc_port, "Mtls", gateway_addr),
+    )
+    .await;
+    let ctx = mesh::fetch_context(&format!("unix://{}", zone.socket.display())).await;
+    let server = MtlsServer::start(
+        "mtls-app",
+        loopback(0),
+        mesh::svid(&ctx, SERVER_ID),
+        mesh::roots(&ctx, TD),
+    )
+    .await
+    .unwrap();
+    let admin = testkit::free_port();
+    let gateway = Envoy::start(
+        &bin,
+        &mesh::gateway_bootstrap(
+            gateway_addr,
+            admin,
+            &[GatewayRoute::passthrough(HOST, server.addr())],
+        ),
+        admin,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+    let (outbound, _) = zone.outbound_proxy().await;
+    let vip = zone.vip(HOST);
+    let logs = || {
+        format!(
+            "{}\n--- gateway ---\n{}",
+            outbound.log_tail(40),
+            gateway.log_tail(30)
+        )
+    };
+
+    let dst: SocketAddr = (vip, svc_port).into();
+    let r = retry(&format!("mTLS GET via {dst}"), logs, || {
+        let cfg = mesh::client_config(
+            Some(mesh::svid(&ctx, CLIENT_ID)),
+            mesh::roots(&ctx, TD),
+            SERVER_ID,
+            &["http/1.1"],
+        );
+        async move {
+            mesh::tls_get(dst, HOST, cfg)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert!(r.text.ends_with(&server.body()), "{}", r.text);
+    assert_eq!(r.alpn.as_deref(), Some("http/1.1"));
+    let seen = server.seen().pop().expect("the server saw the connection");
+    assert_eq!(seen.sni.as_deref(), Some(HOST), "SNI at the server");
+    assert_eq!(seen.alpn_offered, vec!["http/1.1"], "ALPN untouched");
+    assert_eq!(seen.peer_uri_sans, vec![CLIENT_ID.to_owned()], "client ID");
+    testkit::wait_for_log(
+        &gateway.log_path(),
+        &format!(
+            "{} sni={HOST} upstream={}",
+            mesh::GATEWAY_LOG_TAG,
+            server.addr()
+        ),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let line = outbound
+        .wait_access(Duration::from_secs(10), |l| {
+            l.contains(&gateway_addr.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(
+        !line.contains(SERVER_ID),
+        "passthrough must not terminate TLS: {line}"
+    );
+}
