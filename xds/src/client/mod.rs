@@ -382,7 +382,10 @@ async fn session(
                     errors,
                 ));
                 let names = cache.eds_names();
-                if eds_names.as_ref() != Some(&names) {
+                // An empty first EDS request would be a wildcard in SotW: skip it.
+                if eds_names.is_none() && names.is_empty() {
+                    eds_names = Some(names);
+                } else if eds_names.as_ref() != Some(&names) {
                     requests.push(DiscoveryRequest {
                         type_url: ResourceType::Endpoint.type_url().to_owned(),
                         resource_names: names.iter().cloned().collect(),

@@ -242,10 +242,10 @@ fn transport_socket(cx: Ctx<'_>, c: &Cluster) -> Result<Option<IstioTls>, Resour
     let Some(ts) = &c.transport_socket else {
         return Ok(None);
     };
-    let any = match &ts.config_type {
-        Some(ConfigType::TypedConfig(any)) => Some(any),
-        None => None,
-    };
+    let any = ts
+        .config_type
+        .as_ref()
+        .map(|ConfigType::TypedConfig(any)| any);
     let type_name = any.map(|a| message_name(&a.type_url)).unwrap_or_default();
     let tls_type = UPSTREAM_TLS_CONTEXT;
     if type_name == tls_type || (ts.name == TLS_SOCKET && any.is_some()) {

@@ -42,6 +42,9 @@ use envoy_types::util::pack_any;
 
 use super::*;
 
+/// Sets one field of a message under test.
+type Set<M> = fn(&mut M);
+
 fn tcp_proxy(cluster: &str) -> TcpProxy {
     TcpProxy {
         stat_prefix: cluster.into(),
@@ -145,7 +148,7 @@ fn assert_unsupported(e: &ResourceError, field: &str) {
 
 #[test]
 fn filter_chain_match_fields_other_than_port_and_prefix_are_refused_by_name() {
-    let cases: Vec<(&str, fn(&mut FilterChainMatch))> = vec![
+    let cases: Vec<(&str, Set<FilterChainMatch>)> = vec![
         ("server_names", |m| {
             m.server_names = vec!["a.example".into()]
         }),
@@ -207,7 +210,7 @@ fn network_filters_other_than_a_plain_tcp_proxy_are_refused() {
         "filter_chains[0].filters[0]",
     );
 
-    let tp_cases: Vec<(&str, fn(&mut TcpProxy))> = vec![
+    let tp_cases: Vec<(&str, Set<TcpProxy>)> = vec![
         ("weighted_clusters", |t| {
             t.cluster_specifier = Some(ClusterSpecifier::WeightedClusters(
                 WeightedCluster::default(),
