@@ -19,15 +19,13 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use testkit::config::{AgentDoc, Entry};
+use testkit::config::Entry;
 use testkit::envoy::Envoy;
-use testkit::mesh::{self, GatewayRoute, HttpServer, MtlsServer, ProxyCmd, Spawned};
+use testkit::mesh::{self, FerryZone, GatewayRoute, HttpServer, MtlsServer};
 
 const TD: &str = "local.domain";
 const HOST: &str = "server.demo.local.domain";
@@ -47,116 +45,23 @@ fn path_selector(p: &Path) -> String {
     format!("unix:path:{}", p.display())
 }
 
-/// `ferry agent` for trust domain `local.domain` in its own dir: xDS on a free port, the
-/// Workload API at `<dir>/agent.sock`, the given entries and FederatedService docs.
-struct Zone {
+/// `ferry agent` for `local.domain` with `entries` and `services`, its `listen.outbound`
+/// at `outbound` (what a stock Envoy sidecar binds).
+async fn zone(
     dir: testkit::TempDir,
-    config: PathBuf,
-    xds: SocketAddr,
-    socket: PathBuf,
-    agent: Spawned,
-}
-
-impl Zone {
-    async fn start(
-        dir: testkit::TempDir,
-        outbound: SocketAddr,
-        entries: &[Entry<'_>],
-        services: &str,
-    ) -> Zone {
-        let xds = loopback(testkit::free_port());
-        let dns = loopback(testkit::xds_agent::free_udp_port());
-        let mut doc = AgentDoc::in_dir(TD, dir.path())
-            .listen("xds", xds)
-            .listen("outbound", outbound)
-            .listen("dns", dns)
-            .ca("svidTtl", "1h");
-        for e in entries {
-            doc = doc.entry(e);
-        }
-        let config = dir.path().join("ferry.yaml");
-        std::fs::write(&config, doc.raw(services).render()).unwrap();
-        let agent = Spawned::start(
-            "agent",
-            Path::new(env!("CARGO_BIN_EXE_ferry")),
-            &[
-                "agent".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            &[],
-            dir.path(),
-        )
-        .unwrap();
-        let socket = dir.path().join("agent.sock");
-        testkit::wait_for_port(xds, READY)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
-        testkit::wait_until("the Workload API socket", READY, || {
-            let s = socket.clone();
-            async move { s.exists() }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
-        Zone {
-            dir,
-            config,
-            xds,
-            socket,
-            agent,
-        }
-    }
-
-    /// The VIP the agent allocated to `host` (`ferry config vips`).
-    fn vip(&self, host: &str) -> IpAddr {
-        let vips = common::vips(&self.config);
-        vips.get(host)
-            .unwrap_or_else(|| panic!("no VIP for {host} in {vips:?}"))
-            .parse()
-            .unwrap()
-    }
-
-    /// Starts `ferry proxy` (or the binary at `bin`) with `cmd`, waits for `/ready`.
-    async fn proxy(&self, name: &str, bin: &Path, cmd: &ProxyCmd) -> Spawned {
-        let mut p = Spawned::start(name, bin, cmd.args(), &[], self.dir.path()).unwrap();
-        p.wait_ready(cmd.admin, READY)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.agent.log_tail(20)));
-        p
-    }
-
-    /// The client-side proxy: xDS from the agent, VIPs bound by the proxy.
-    async fn outbound_proxy(&self) -> (Spawned, ProxyCmd) {
-        let cmd = ProxyCmd::new(&self.socket)
-            .arg("--xds", format!("http://{}", self.xds))
-            .flag("--bind-vips")
-            .arg("--node-id", "client-node")
-            .arg("--workload-name", "client")
-            .arg("--namespace", "demo")
-            .arg("--cluster-id", "client-cluster")
-            .arg("--label", "app=client");
-        let p = self
-            .proxy(
-                "ferry-outbound",
-                Path::new(env!("CARGO_BIN_EXE_ferry")),
-                &cmd,
-            )
-            .await;
-        (p, cmd)
-    }
-
-    /// The server-side proxy: inbound listener in front of `app`, no xDS.
-    async fn inbound_proxy(&self, bin: &Path, inbound: SocketAddr, app: SocketAddr) -> Spawned {
-        let cmd = ProxyCmd::new(&self.socket)
-            .arg("--inbound", inbound)
-            .arg("--inbound-app", app)
-            .arg("--node-id", "server-node")
-            .arg("--workload-name", "server")
-            .arg("--namespace", "demo")
-            .arg("--cluster-id", "server-cluster")
-            .arg("--label", "app=server");
-        self.proxy("ferry-inbound", bin, &cmd).await
-    }
+    outbound: SocketAddr,
+    entries: &[Entry<'_>],
+    services: &str,
+) -> FerryZone {
+    FerryZone::start(
+        Path::new(env!("CARGO_BIN_EXE_ferry")),
+        dir,
+        TD,
+        outbound,
+        entries,
+        services,
+    )
+    .await
 }
 
 /// Retries `attempt` for 30 s (listeners appear as xDS and SDS settle), then panics with
@@ -207,12 +112,11 @@ async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gate
     };
     let dir = testkit::tempdir().unwrap();
     let server_bin = dir.path().join("ferry-server");
-    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &server_bin).unwrap();
     let app = HttpServer::start("app", loopback(0)).await.unwrap();
     let svc_port = testkit::free_port();
     let gateway_addr = loopback(testkit::free_port());
     let inbound_addr = loopback(testkit::free_port());
-    let zone = Zone::start(
+    let zone = zone(
         dir,
         loopback(testkit::free_port()),
         &[
@@ -234,10 +138,11 @@ async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gate
     )
     .await
     .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+    assert_eq!(zone.ferry_copy("ferry-server"), server_bin);
     let inbound = zone
         .inbound_proxy(&server_bin, inbound_addr, app.addr())
         .await;
-    let (outbound, _) = zone.outbound_proxy().await;
+    let outbound = zone.outbound_proxy().await;
     let vip = zone.vip(HOST);
     let logs = || {
         format!(
@@ -293,7 +198,7 @@ async fn envoy_inbound_accepts_ferry_outbound_and_logs_its_spiffe_id() {
     let app = HttpServer::start("app", loopback(0)).await.unwrap();
     let svc_port = testkit::free_port();
     let inbound_addr = loopback(testkit::free_port());
-    let zone = Zone::start(
+    let zone = zone(
         testkit::tempdir().unwrap(),
         loopback(testkit::free_port()),
         &[
@@ -316,7 +221,7 @@ async fn envoy_inbound_accepts_ferry_outbound_and_logs_its_spiffe_id() {
         .wait_admin("/certs", READY, |b| b.contains(SERVER_ID))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (outbound, _) = zone.outbound_proxy().await;
+    let outbound = zone.outbound_proxy().await;
     let vip = zone.vip(HOST);
     let logs = || {
         format!(
@@ -351,13 +256,12 @@ async fn envoy_sidecar_without_mx_reaches_ferry_inbound_which_passes_bytes_throu
     };
     let dir = testkit::tempdir().unwrap();
     let server_bin = dir.path().join("ferry-server");
-    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &server_bin).unwrap();
     let app = HttpServer::start("app", loopback(0)).await.unwrap();
     let svc_port = testkit::free_port();
     let inbound_addr = loopback(testkit::free_port());
     // Envoy's outbound listener takes the service port on every address (as in
     // istio_mtls_envoy.rs); the client connects to the VIP on it.
-    let zone = Zone::start(
+    let zone = zone(
         dir,
         ([0, 0, 0, 0], svc_port).into(),
         &[
@@ -367,6 +271,7 @@ async fn envoy_sidecar_without_mx_reaches_ferry_inbound_which_passes_bytes_throu
         &mesh::own_domain_service("server", svc_port, "IstioMtls", inbound_addr),
     )
     .await;
+    assert_eq!(zone.ferry_copy("ferry-server"), server_bin);
     let inbound = zone
         .inbound_proxy(&server_bin, inbound_addr, app.addr())
         .await;
@@ -400,7 +305,7 @@ async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_unto
     let me = std::env::current_exe().unwrap();
     let svc_port = testkit::free_port();
     let gateway_addr = loopback(testkit::free_port());
-    let zone = Zone::start(
+    let zone = zone(
         testkit::tempdir().unwrap(),
         loopback(testkit::free_port()),
         &[
@@ -431,7 +336,7 @@ async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_unto
     )
     .await
     .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
-    let (outbound, _) = zone.outbound_proxy().await;
+    let outbound = zone.outbound_proxy().await;
     let vip = zone.vip(HOST);
     let logs = || {
         format!(
