@@ -13,7 +13,9 @@
 //! - [`HttpServer`] (plain HTTP/1.1) and [`MtlsServer`] (HTTP over rustls mTLS, the `Mtls`
 //!   mode's server app), which record what they saw;
 //! - rustls client helpers that speak as a SPIFFE workload ([`client_config`],
-//!   [`tls_get`]).
+//!   [`tls_get`]);
+//! - [`FerryZone`], [`ProxyCmd`] and [`Spawned`]: `ferry agent` and `ferry proxy` as child
+//!   processes whose logs are kept for assertions (`ferry::access` lines).
 //!
 //! Every Envoy config writes one access-log line per connection to its stdout (the
 //! [`crate::envoy::Envoy`] log), tagged [`GATEWAY_LOG_TAG`] or [`INBOUND_LOG_TAG`], with

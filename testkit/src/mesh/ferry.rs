@@ -195,8 +195,8 @@ impl ProxyCmd {
     }
 }
 
-/// The text after `key=` in a log line up to the next `key=` of another field (tracing
-/// text values may contain spaces when quoted); `None` if absent.
+/// The value of ` key=` in a tracing text line: a quoted value up to the next `"` (an
+/// escaped quote inside ends it early), else up to the next space; `None` if absent.
 pub fn log_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let needle = format!(" {key}=");
     let start = line.find(&needle)? + needle.len();
