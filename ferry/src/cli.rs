@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// ferry lets plain workloads reach services in other trust zones over SPIFFE mTLS, with
 /// no code change. It has the control plane (xDS server, SPIFFE Workload API + SDS and CA)
-/// and the local DNS resolver, configured from one YAML file of Cofide `FederatedService`
-/// objects; stock Envoy driven by `ferry agent` is the sidecar until ferry's own proxy lands.
+/// the local DNS resolver, configured from one YAML file of Cofide `FederatedService`
+/// objects, and the sidecar proxy (`ferry proxy`), a drop-in for an Envoy sidecar.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, propagate_version = true)]
 pub struct Cli {
@@ -46,6 +46,12 @@ pub enum Command {
     /// xDS server (--xds) or a config file (--config, hot reloaded). Stops cleanly on
     /// SIGTERM/SIGINT.
     Dns(DnsArgs),
+    /// Run the sidecar data plane: captured (or `--bind-vips`) connections to federated
+    /// services leave as Istio mTLS (`IstioMtls`) or with the app's own TLS untouched
+    /// (`Mtls`); routes come from the standard Envoy resources of an xDS server (a ferry
+    /// agent or any control plane serving that subset), the SVID from the Workload API.
+    /// With `--inbound` it is also an Istio-compatible server sidecar. SIGTERM drains.
+    Proxy(Box<ProxyArgs>),
 }
 
 /// `ferry config ...`
@@ -134,4 +140,100 @@ pub enum NoData {
     Noerror,
     /// NXDOMAIN.
     Nxdomain,
+}
+
+/// `ferry proxy ...`: the Cofide sidecar defaults (outbound :10000, DNS :15053, admin
+/// :9901, node id `node`). Every flag has an environment form.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The xDS server (`host:port` or `http://host:port`): a ferry agent or any xDS server
+    /// serving the outbound listener, clusters and endpoints. Needed unless only
+    /// `--inbound` runs.
+    #[arg(long, value_name = "ADDR", env = "FERRY_PROXY_XDS")]
+    pub xds: Option<String>,
+    /// The SPIFFE Workload API (`unix:///path` or `tcp://ip:port`).
+    #[arg(long, value_name = "URI", env = "SPIFFE_ENDPOINT_SOCKET")]
+    pub workload_api: String,
+    /// The capture listener (where iptables/nftables redirect outbound TCP); `off`
+    /// disables it.
+    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:10000", env = "FERRY_PROXY_OUTBOUND")]
+    pub outbound: String,
+    /// Bind every federated VIP:port as its own listener (no capture rules needed; 127/8
+    /// needs no root), following xDS updates.
+    #[arg(long, env = "FERRY_PROXY_BIND_VIPS")]
+    pub bind_vips: bool,
+    /// The DNS listener (UDP and TCP) answering federated names with their VIPs; `off`
+    /// disables it.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:15053", env = "FERRY_PROXY_DNS")]
+    pub dns: String,
+    /// Upstream resolver for other names (repeatable) [default: the nameservers of
+    /// /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "IP:PORT", env = "FERRY_PROXY_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The admin endpoint (`/ready`, `/stats/prometheus`, `/config_dump`); `off`
+    /// disables it.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9901", env = "FERRY_PROXY_ADMIN")]
+    pub admin: String,
+    /// Node id sent to the xDS server.
+    #[arg(long, default_value = "node", env = "FERRY_PROXY_NODE_ID")]
+    pub node_id: String,
+    /// Node cluster sent to the xDS server.
+    #[arg(long, default_value = "cluster", env = "FERRY_PROXY_NODE_CLUSTER")]
+    pub node_cluster: String,
+    /// The inbound (server sidecar) listener: Istio mTLS in, plaintext to --inbound-app.
+    #[arg(long, value_name = "ADDR", env = "FERRY_PROXY_INBOUND", requires = "inbound_app")]
+    pub inbound: Option<std::net::SocketAddr>,
+    /// The app behind the inbound listener.
+    #[arg(long, value_name = "ADDR", env = "FERRY_PROXY_INBOUND_APP", requires = "inbound")]
+    pub inbound_app: Option<std::net::SocketAddr>,
+    /// Captured destinations that are neither federated nor loopback: forward them
+    /// (`allow-any`) or refuse them (`registry-only`).
+    #[arg(long, value_enum, default_value_t = OutboundPolicyArg::AllowAny, env = "FERRY_PROXY_OUTBOUND_POLICY")]
+    pub outbound_policy: OutboundPolicyArg,
+    /// After SIGTERM, how long open connections may finish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "FERRY_PROXY_DRAIN_TIME")]
+    pub drain_time: std::time::Duration,
+    /// A connection idle this long both ways is closed (a route's tcp_proxy idle_timeout
+    /// wins).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, env = "FERRY_PROXY_IDLE_TIMEOUT")]
+    pub idle_timeout: std::time::Duration,
+    /// Connections open at once per direction; more are closed at accept.
+    #[arg(long, default_value_t = 32768, env = "FERRY_PROXY_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Metadata exchange: this workload's name [default: $ISTIO_META_WORKLOAD_NAME, else
+    /// derived from the pod name].
+    #[arg(long, env = "FERRY_PROXY_WORKLOAD_NAME")]
+    pub workload_name: Option<String>,
+    /// Metadata exchange: the namespace [default: $POD_NAMESPACE, else `default`].
+    #[arg(long, env = "FERRY_PROXY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Metadata exchange: the cluster id [default: $ISTIO_META_CLUSTER_ID, else
+    /// `Kubernetes`].
+    #[arg(long, env = "FERRY_PROXY_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Metadata exchange: the pod name [default: $POD_NAME, else the host name].
+    #[arg(long, env = "FERRY_PROXY_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Metadata exchange: a workload label `key=value` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, env = "FERRY_PROXY_LABELS", value_delimiter = ',')]
+    pub labels: Vec<(String, String)>,
+    /// How long to wait at start for the first SVID from the Workload API.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "FERRY_PROXY_SVID_TIMEOUT")]
+    pub svid_timeout: std::time::Duration,
+}
+
+/// `--outbound-policy` values (Istio's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboundPolicyArg {
+    /// Forward unknown destinations.
+    AllowAny,
+    /// Refuse unknown destinations.
+    RegistryOnly,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }

@@ -8,6 +8,7 @@ mod cli;
 mod config_cmd;
 mod dns_cmd;
 mod logging;
+mod proxy_cmd;
 mod readiness;
 
 use clap::Parser;
@@ -38,6 +39,11 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
         cli::Command::Dns(d) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(dns_cmd::run(d))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        cli::Command::Proxy(p) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(proxy_cmd::run(*p))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -73,7 +73,7 @@ impl AdminState {
         struct XdsDump {
             connection: String,
             last_nack: Option<String>,
-            state: Arc<xds::client::model::XdsState>,
+            state: xds::client::model::XdsState,
         }
         let dump = Dump {
             proxy: &self.shared.config,
@@ -81,7 +81,7 @@ impl AdminState {
             xds: self.xds.as_ref().map(|x| XdsDump {
                 connection: format!("{:?}", *x.connection.borrow()),
                 last_nack: x.last_nack.borrow().clone(),
-                state: x.state.borrow().clone(),
+                state: (**x.state.borrow()).clone(),
             }),
         };
         serde_json::to_string_pretty(&dump)

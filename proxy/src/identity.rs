@@ -86,8 +86,15 @@ impl SvidName {
 struct Store {
     source: Arc<X509Source>,
     provider: Arc<CryptoProvider>,
-    keys: Mutex<HashMap<SvidName, (Arc<X509Svid>, Arc<CertifiedKey>)>>,
+    keys: KeyCache,
 }
+
+/// Client configs per cluster parameters.
+type ClientConfigs = Mutex<HashMap<ClientKey, Arc<ClientConfig>>>;
+/// Server configs per ALPN list.
+type ServerConfigs = Mutex<HashMap<Vec<Vec<u8>>, Arc<ServerConfig>>>;
+/// Loaded keys per SVID name, with the SVID they were loaded from.
+type KeyCache = Mutex<HashMap<SvidName, (Arc<X509Svid>, Arc<CertifiedKey>)>>;
 
 impl Store {
     fn svid(&self, name: &SvidName) -> Option<Arc<X509Svid>> {
@@ -108,10 +115,10 @@ impl Store {
     fn certified_key(&self, name: &SvidName) -> Option<Arc<CertifiedKey>> {
         let svid = self.svid(name)?;
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, key)) = keys.get(name) {
-            if Arc::ptr_eq(s, &svid) {
-                return Some(key.clone());
-            }
+        if let Some((s, key)) = keys.get(name)
+            && Arc::ptr_eq(s, &svid)
+        {
+            return Some(key.clone());
         }
         let chain = svid
             .cert_chain()
@@ -199,8 +206,8 @@ const MAX_CACHED: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Identity {
     store: Arc<Store>,
-    client_configs: Arc<Mutex<HashMap<ClientKey, Arc<ClientConfig>>>>,
-    server_configs: Arc<Mutex<HashMap<Vec<Vec<u8>>, Arc<ServerConfig>>>>,
+    client_configs: Arc<ClientConfigs>,
+    server_configs: Arc<ServerConfigs>,
 }
 
 impl Identity {

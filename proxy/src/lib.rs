@@ -14,11 +14,26 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod admin;
 pub mod balance;
+pub mod config;
 pub mod copy;
 pub mod identity;
+pub mod inbound;
 pub mod metadata;
+pub mod metrics;
 pub mod mx;
 pub mod mx_stream;
+pub mod orig_dst;
+pub mod outbound;
+pub mod route;
+pub mod run;
+pub mod shared;
 pub mod splice;
 pub mod verify;
+pub mod vips;
+
+pub use config::{InboundConfig, Limits, OutboundPolicy, ProxyConfig};
+pub use run::{Proxy, StartError, XdsFeed};
+pub use shared::Shared;

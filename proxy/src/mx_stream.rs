@@ -45,6 +45,9 @@ use crate::mx::{HEADER_LEN, Header, MAX_FRAME, MxError, PeerMetadata, decode_bod
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the exchange went, for the access log and metrics.
+// One per connection, read in place by the access log: boxing the metadata would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum MxOutcome {
     /// The peer's frame has not been read yet.

@@ -151,15 +151,21 @@ fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, VerifyError> {
 
 /// Parsed root stores, one per bundle `Arc` the source handed out.
 #[derive(Debug, Default)]
-struct RootCache(Mutex<HashMap<String, (Arc<X509Bundle>, Arc<RootCertStore>)>>);
+struct RootCache(Mutex<HashMap<String, CachedRoots>>);
+
+/// A bundle and the root store parsed from it.
+type CachedRoots = (Arc<X509Bundle>, Arc<RootCertStore>);
+
+/// Webpki client verifiers per trust domain, with the bundle they were built from.
+type ClientVerifiers = Mutex<HashMap<String, (Arc<X509Bundle>, Arc<dyn ClientCertVerifier>)>>;
 
 impl RootCache {
     fn roots(&self, td: &str, bundle: &Arc<X509Bundle>) -> Arc<RootCertStore> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((b, roots)) = map.get(td) {
-            if Arc::ptr_eq(b, bundle) {
-                return roots.clone();
-            }
+        if let Some((b, roots)) = map.get(td)
+            && Arc::ptr_eq(b, bundle)
+        {
+            return roots.clone();
         }
         let mut roots = RootCertStore::empty();
         roots.add_parsable_certificates(
@@ -302,7 +308,7 @@ pub struct SpiffeClientVerifier {
     bundles: Arc<dyn Bundles>,
     provider: Arc<CryptoProvider>,
     /// One webpki client verifier per bundle `Arc` (it checks the chain and clientAuth EKU).
-    cache: Mutex<HashMap<String, (Arc<X509Bundle>, Arc<dyn ClientCertVerifier>)>>,
+    cache: ClientVerifiers,
 }
 
 impl SpiffeClientVerifier {
@@ -321,10 +327,10 @@ impl SpiffeClientVerifier {
         bundle: &Arc<X509Bundle>,
     ) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
         let mut map = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((b, v)) = map.get(td) {
-            if Arc::ptr_eq(b, bundle) {
-                return Ok(v.clone());
-            }
+        if let Some((b, v)) = map.get(td)
+            && Arc::ptr_eq(b, bundle)
+        {
+            return Ok(v.clone());
         }
         let roots = RootCache::default().roots(td, bundle);
         let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -429,7 +435,7 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         let der = cert.der().clone();
         assert_eq!(
-            peer_spiffe_id(&[der.clone()]).as_deref(),
+            peer_spiffe_id(std::slice::from_ref(&der)).as_deref(),
             Some("spiffe://example.org/a")
         );
         assert_eq!(peer_spiffe_id(&[]), None);
