@@ -113,9 +113,11 @@ impl OrigDst for FixedDst {
 
 struct Mesh {
     _dir: testkit::TempDir,
-    xds: testkit::xds_agent::Agent,
+    xds: Option<testkit::xds_agent::Agent>,
+    yaml: String,
     _wl: testkit::workload::Agent,
     client: AdsClient,
+    client_identity: Identity,
     outbound: Proxy,
     inbound: Proxy,
     stop: CancellationToken,
@@ -155,12 +157,40 @@ async fn start_proxy(
 
 /// One service `name` (IstioMtls unless `mtls`), routed through ferry's outbound to ferry's
 /// inbound in front of a plain HTTP server.
-async fn mesh(name: &'static str, svid_ttl: &str, capture: Option<Arc<dyn OrigDst>>) -> Mesh {
+async fn mesh(name: &'static str, svid_ttl: &'static str, capture: Option<Arc<dyn OrigDst>>) -> Mesh {
+    mesh_with(Opts {
+        name,
+        svid_ttl,
+        capture,
+        ..Opts::default()
+    })
+    .await
+}
+
+/// How a test's mesh differs from the default.
+#[derive(Default)]
+struct Opts {
+    name: &'static str,
+    svid_ttl: &'static str,
+    capture: Option<Arc<dyn OrigDst>>,
+    /// The server SPIFFE ID path the cluster expects [default: the server's own].
+    expect_path: Option<&'static str>,
+    /// The app echoes (after a tag) instead of answering HTTP.
+    echo: bool,
+}
+
+async fn mesh_with(o: Opts) -> Mesh {
+    let Opts { name, svid_ttl, capture, expect_path, echo } = o;
     let dir = testkit::tempdir().unwrap();
     let inbound_port = testkit::free_port();
-    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    http_server(app, name);
+    let app_addr = if echo {
+        testkit::xds_agent::echo_server(([127, 0, 0, 1], 0).into(), "echo\n").await
+    } else {
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = app.local_addr().unwrap();
+        http_server(app, name);
+        a
+    };
     let me = std::env::current_exe().unwrap();
     let uid = testkit::workload::my_uid();
     let yaml = AgentDoc::in_dir(TD, dir.path())
@@ -171,7 +201,13 @@ async fn mesh(name: &'static str, svid_ttl: &str, capture: Option<Arc<dyn OrigDs
                 .hint("server"),
         )
         .render()
-        + &service(name, 8443, "IstioMtls", inbound_port, &format!("/ns/demo/sa/{name}"));
+        + &service(
+            name,
+            8443,
+            "IstioMtls",
+            inbound_port,
+            &expect_path.map_or_else(|| format!("/ns/demo/sa/{name}"), str::to_owned),
+        );
     let wl = testkit::workload::start(dir.path(), &yaml).await;
     let xds = testkit::xds_agent::Agent::start(&yaml).await;
     let stop = CancellationToken::new();
@@ -200,18 +236,21 @@ async fn mesh(name: &'static str, svid_ttl: &str, capture: Option<Arc<dyn OrigDs
     if capture.is_some() {
         ocfg.outbound = Some(([127, 0, 0, 1], 0).into());
     }
+    let client_identity = identity(&socket, "client").await;
     let outbound = start_proxy(
         ocfg,
-        identity(&socket, "client").await,
+        client_identity.clone(),
         Some(feed),
         capture.unwrap_or_else(|| Arc::new(Conntrack)),
     )
     .await;
     Mesh {
         _dir: dir,
-        xds,
+        xds: Some(xds),
+        yaml,
         _wl: wl,
         client,
+        client_identity,
         outbound,
         inbound,
         stop,
@@ -221,11 +260,7 @@ async fn mesh(name: &'static str, svid_ttl: &str, capture: Option<Arc<dyn OrigDs
 impl Mesh {
     fn vip(&self, name: &str) -> SocketAddr {
         let host = format!("{name}.demo.{TD}");
-        let ip = self.client.state().resolve(&host).or_else(|| {
-            // The dns listener carries the table; fall back to the route's prefix.
-            None
-        });
-        let ip = ip.expect("the DNS table names the service");
+        let ip = self.client.state().resolve(&host).expect("the DNS table names the service");
         SocketAddr::from((ip, 8443))
     }
 
@@ -235,6 +270,14 @@ impl Mesh {
             .await
             .expect("the VIP listener is bound");
         vip
+    }
+
+    /// The serial of the SVID the outbound presents now.
+    fn outbound_serial(&self) -> String {
+        let svid = self.client_identity.source().svid().expect("svid");
+        let der = svid.leaf().as_bytes().to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        cert.raw_serial_as_string()
     }
 
     async fn metrics(&self, proxy: &Proxy) -> String {
@@ -261,5 +304,170 @@ async fn plain_client_reaches_plain_server_over_istio_mtls_with_metadata_exchang
     let out = m.metrics(&m.outbound).await;
     assert!(metric(&out, "ferry_proxy_metadata_exchange_total{direction=\"outbound\",reason=\"exchanged\"}") >= 1, "{out}");
     assert!(metric(&out, "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"ok\"}") >= 1, "{out}");
+    m.stop().await;
+}
+
+/// Reads until `want` has arrived (or fails after 10 s).
+async fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < want.len() {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("bytes in time")
+            .expect("read");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&got));
+}
+
+/// One echo round on an open connection through the mesh.
+async fn echo_round(s: &mut TcpStream, msg: &str) {
+    s.write_all(msg.as_bytes()).await.unwrap();
+    expect_bytes(s, msg.as_bytes()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_an_unexpected_spiffe_id_is_refused() {
+    // The cluster expects /ns/demo/sa/someone-else; the inbound presents /ns/demo/sa/beta.
+    let m = mesh_with(Opts {
+        name: "beta",
+        svid_ttl: "1h",
+        expect_path: Some("/ns/demo/sa/someone-else"),
+        ..Opts::default()
+    })
+    .await;
+    let vip = m.wait_vip("beta").await;
+    let resp = get(vip).await.unwrap_or_default();
+    assert!(resp.is_empty(), "no bytes may reach the client: {resp}");
+    let out = m.metrics(&m.outbound).await;
+    assert!(metric(&out, "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"failed\"}") >= 1, "{out}");
+    assert!(metric(&out, "ferry_proxy_connections_closed_total{direction=\"outbound\",reason=\"handshake_failed\"}") >= 1, "{out}");
+    m.stop().await;
+}
+
+/// The capture listener's destination, as conntrack would report it; `None` reports the
+/// listener itself (a capture loop).
+#[derive(Debug, Default)]
+struct SwitchDst(std::sync::Mutex<Option<SocketAddr>>);
+
+impl OrigDst for SwitchDst {
+    fn original_dst(&self, _: &TcpStream, listener: SocketAddr) -> std::io::Result<SocketAddr> {
+        Ok(self.0.lock().unwrap().unwrap_or(listener))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_services_pass_through_and_the_proxys_own_port_is_refused() {
+    let dst = Arc::new(SwitchDst::default());
+    let m = mesh("gamma", "1h", Some(dst.clone())).await;
+    let capture = m.outbound.outbound.expect("capture listener");
+
+    // A non-federated loopback service (say the pod's redis) still works through capture.
+    let redis = testkit::xds_agent::echo_server(([127, 0, 0, 1], 0).into(), "redis\n").await;
+    *dst.0.lock().unwrap() = Some(redis);
+    let mut s = TcpStream::connect(capture).await.unwrap();
+    expect_bytes(&mut s, b"redis\n").await;
+    echo_round(&mut s, "PING\r\n").await;
+    drop(s);
+
+    // The original destination is the proxy's own listener: refused, never relayed.
+    *dst.0.lock().unwrap() = None;
+    let mut s = TcpStream::connect(capture).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "a loop must be closed");
+    let out = m.metrics(&m.outbound).await;
+    assert_eq!(metric(&out, "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"loop\"}"), 1, "{out}");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_connection_to_the_capture_port_is_refused() {
+    // Real conntrack: a connection that was not redirected has no original destination.
+    let m = mesh("delta", "1h", Some(Arc::new(Conntrack))).await;
+    let capture = m.outbound.outbound.expect("capture listener");
+    let mut s = TcpStream::connect(capture).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0);
+    let out = m.metrics(&m.outbound).await;
+    assert_eq!(metric(&out, "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"not_captured\"}"), 1, "{out}");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_outlives_three_svid_rotations_and_new_ones_use_the_new_svid() {
+    let m = mesh_with(Opts {
+        name: "epsilon",
+        svid_ttl: "4s",
+        echo: true,
+        ..Opts::default()
+    })
+    .await;
+    let vip = m.wait_vip("epsilon").await;
+    let mut long = TcpStream::connect(vip).await.unwrap();
+    expect_bytes(&mut long, b"echo\n").await;
+    let first = m.outbound_serial();
+    let mut serials = vec![first.clone()];
+    // A 4 s SVID rotates at half-life: three rotations within ~8 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while serials.len() < 4 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        echo_round(&mut long, "still here\n").await;
+        let now = m.outbound_serial();
+        if serials.last() != Some(&now) {
+            serials.push(now);
+            // A new connection works with the new SVID.
+            let mut fresh = TcpStream::connect(vip).await.unwrap();
+            expect_bytes(&mut fresh, b"echo\n").await;
+            echo_round(&mut fresh, "new\n").await;
+        }
+    }
+    assert!(serials.len() >= 4, "three rotations expected, saw {serials:?}");
+    echo_round(&mut long, "after three rotations\n").await;
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_config_keeps_serving_while_the_xds_server_is_gone() {
+    let mut m = mesh_with(Opts {
+        name: "zeta",
+        svid_ttl: "1h",
+        echo: true,
+        ..Opts::default()
+    })
+    .await;
+    let vip = m.wait_vip("zeta").await;
+    let mut open = TcpStream::connect(vip).await.unwrap();
+    expect_bytes(&mut open, b"echo\n").await;
+
+    let xds = m.xds.take().expect("xds");
+    let addr = xds.addr;
+    drop(xds);
+    testkit::wait_until("the proxy notices the xDS server is gone", Duration::from_secs(10), || {
+        let c = m.client.connection();
+        async move { !matches!(*c.borrow(), xds::client::ConnectionState::Connected) }
+    })
+    .await
+    .unwrap();
+    echo_round(&mut open, "established\n").await;
+    let mut fresh = TcpStream::connect(vip).await.unwrap();
+    expect_bytes(&mut fresh, b"echo\n").await;
+    echo_round(&mut fresh, "new while xds is down\n").await;
+
+    // Back on the same address with one more service: the proxy resyncs and binds its VIP.
+    let more = format!("{}{}", m.yaml, service("eta", 8443, "IstioMtls", 1, "/ns/demo/sa/eta"));
+    m.xds = Some(testkit::xds_agent::Agent::start_on(&more, addr).await);
+    testkit::wait_until("the new service arrives", Duration::from_secs(15), || {
+        let st = m.client.state();
+        async move { st.resolve("eta.demo.client.domain").is_some() }
+    })
+    .await
+    .unwrap();
+    let eta = m.wait_vip("eta").await;
+    assert_ne!(eta, vip);
+    echo_round(&mut open, "still established\n").await;
     m.stop().await;
 }
