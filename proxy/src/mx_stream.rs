@@ -16,8 +16,8 @@
 //!   the caller as `io::Error`s whose inner error is the typed [`MxError`].
 //!
 //! Client side: the Istio server answers only after reading our frame, so the caller sends
-//! it with [`MxStream::send_own`] right after the handshake (a later write would send it
-//! too). Server side: the client's frame is read first (a write from the application
+//! it with [`MxStream::send_own`] right after the handshake (the first write or read sends
+//! it too). Server side: the client's frame is read first (a write from the application
 //! drives that read); with the right magic ours is sent at once (the Istio client's reader
 //! waits for it even when the server application is silent), with a wrong magic — a stock
 //! Envoy that negotiated `istio-peer-exchange` without the metadata exchange filter —
@@ -380,6 +380,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MxStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !matches!(this.read, Read::Done) {
+            // Client side: a caller that reads first (without `send_own`) still gets our
+            // frame out, or the Istio server would never answer. Write errors are left for
+            // the write side to report (the frame stays queued); reads report read errors.
+            let _ = this.poll_send_own(cx);
             ready!(this.poll_frame(cx))?;
             if let Read::Leftover { buf, pos, end } = &mut this.read {
                 let n = out.remaining().min(*end - *pos);
@@ -393,10 +397,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MxStream<S> {
         }
         if this.send == OwnFrame::Queued {
             // Server side: answer the client's frame now, even if the application is
-            // silent. Pending only means the write side is full; a later call finishes it.
-            if let Poll::Ready(Err(e)) = this.poll_send_own(cx) {
-                return Poll::Ready(Err(e));
-            }
+            // silent. Pending only means the write side is full; a later call finishes it,
+            // and a write error is reported by the next write, as above.
+            let _ = this.poll_send_own(cx);
         }
         Pin::new(&mut this.inner).poll_read(cx, out)
     }
@@ -552,6 +555,21 @@ mod tests {
         let mut data = [0u8; 4];
         b.read_exact(&mut data).await.unwrap();
         assert_eq!(&data, b"data");
+    }
+
+    #[tokio::test]
+    async fn client_reading_first_still_sends_its_frame() {
+        let (a, mut b) = duplex(4096);
+        let mut c = MxStream::client(a, frame("client"), DEFAULT_TIMEOUT);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 2];
+            c.read_exact(&mut buf).await.map(|_| buf)
+        });
+        assert_eq!(read_frame(&mut b).await, meta("client"));
+        let mut bytes = frame("server").to_vec();
+        bytes.extend_from_slice(b"ok");
+        b.write_all(&bytes).await.unwrap();
+        assert_eq!(&reader.await.unwrap().unwrap(), b"ok");
     }
 
     #[tokio::test]
