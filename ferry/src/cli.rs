@@ -156,7 +156,12 @@ pub struct ProxyArgs {
     pub workload_api: String,
     /// The capture listener (where iptables/nftables redirect outbound TCP); `off`
     /// disables it.
-    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:10000", env = "FERRY_PROXY_OUTBOUND")]
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "0.0.0.0:10000",
+        env = "FERRY_PROXY_OUTBOUND"
+    )]
     pub outbound: String,
     /// Bind every federated VIP:port as its own listener (no capture rules needed; 127/8
     /// needs no root), following xDS updates.
@@ -164,15 +169,30 @@ pub struct ProxyArgs {
     pub bind_vips: bool,
     /// The DNS listener (UDP and TCP) answering federated names with their VIPs; `off`
     /// disables it.
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:15053", env = "FERRY_PROXY_DNS")]
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:15053",
+        env = "FERRY_PROXY_DNS"
+    )]
     pub dns: String,
     /// Upstream resolver for other names (repeatable) [default: the nameservers of
     /// /etc/resolv.conf].
-    #[arg(long = "dns-upstream", value_name = "IP:PORT", env = "FERRY_PROXY_DNS_UPSTREAM", value_delimiter = ',')]
+    #[arg(
+        long = "dns-upstream",
+        value_name = "IP:PORT",
+        env = "FERRY_PROXY_DNS_UPSTREAM",
+        value_delimiter = ','
+    )]
     pub dns_upstreams: Vec<std::net::SocketAddr>,
     /// The admin endpoint (`/ready`, `/stats/prometheus`, `/config_dump`); `off`
     /// disables it.
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9901", env = "FERRY_PROXY_ADMIN")]
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:9901",
+        env = "FERRY_PROXY_ADMIN"
+    )]
     pub admin: String,
     /// Node id sent to the xDS server.
     #[arg(long, default_value = "node", env = "FERRY_PROXY_NODE_ID")]
@@ -181,10 +201,20 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "cluster", env = "FERRY_PROXY_NODE_CLUSTER")]
     pub node_cluster: String,
     /// The inbound (server sidecar) listener: Istio mTLS in, plaintext to --inbound-app.
-    #[arg(long, value_name = "ADDR", env = "FERRY_PROXY_INBOUND", requires = "inbound_app")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_PROXY_INBOUND",
+        requires = "inbound_app"
+    )]
     pub inbound: Option<std::net::SocketAddr>,
     /// The app behind the inbound listener.
-    #[arg(long, value_name = "ADDR", env = "FERRY_PROXY_INBOUND_APP", requires = "inbound")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_PROXY_INBOUND_APP",
+        requires = "inbound"
+    )]
     pub inbound_app: Option<std::net::SocketAddr>,
     /// Captured destinations that are neither federated nor loopback: forward them
     /// (`allow-any`) or refuse them (`registry-only`).

@@ -45,10 +45,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if args.xds.is_none() && inbound.is_none() {
-        anyhow::bail!("give --xds (outbound routes) or --inbound/--inbound-app (server sidecar), or both");
+        anyhow::bail!(
+            "give --xds (outbound routes) or --inbound/--inbound-app (server sidecar), or both"
+        );
     }
     // Without an xDS server there is nothing to route or resolve: inbound only.
-    let (outbound, dns) = if args.xds.is_some() { (outbound, dns) } else { (None, None) };
+    let (outbound, dns) = if args.xds.is_some() {
+        (outbound, dns)
+    } else {
+        (None, None)
+    };
     let (mut dns_upstreams, mut dns_search) = (args.dns_upstreams.clone(), Vec::new());
     if dns.is_some() && dns_upstreams.is_empty() {
         let (ups, search) = dns::forward::from_resolv_conf(Path::new("/etc/resolv.conf"))
@@ -79,8 +85,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let identity = proxy::identity::Identity::connect(&args.workload_api, args.svid_timeout)
         .await
-        .with_context(|| format!("getting an X.509-SVID from the Workload API at {}", args.workload_api))?;
-    tracing::info!(spiffe_id = identity.spiffe_id().as_deref().unwrap_or("-"), "X.509-SVID in hand");
+        .with_context(|| {
+            format!(
+                "getting an X.509-SVID from the Workload API at {}",
+                args.workload_api
+            )
+        })?;
+    tracing::info!(
+        spiffe_id = identity.spiffe_id().as_deref().unwrap_or("-"),
+        "X.509-SVID in hand"
+    );
 
     let client = args.xds.as_deref().map(|addr| {
         let mut cfg = AdsClientConfig::new(xds_uri(addr));

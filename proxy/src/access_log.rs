@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::copy::{CloseReason, Transferred};
-use crate::mx_stream::MxOutcome;
 use crate::metrics::{Dir, Flow, Metrics, Outcome};
+use crate::mx_stream::MxOutcome;
 
 /// Which side of the proxy a connection went through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

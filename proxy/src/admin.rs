@@ -56,8 +56,12 @@ impl AdminState {
             let state = x.state.borrow().clone();
             m.xds_synced.set(i64::from(state.synced));
             m.xds_updates.set(state.updates as i64);
-            m.xds_routes.set(state.outbound.as_ref().map_or(0, |o| o.chains.len()) as i64);
-            let connected = matches!(*x.connection.borrow(), xds::client::ConnectionState::Connected);
+            m.xds_routes
+                .set(state.outbound.as_ref().map_or(0, |o| o.chains.len()) as i64);
+            let connected = matches!(
+                *x.connection.borrow(),
+                xds::client::ConnectionState::Connected
+            );
             m.xds_connected.set(i64::from(connected));
         }
     }
@@ -98,7 +102,10 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             get(move || async move {
                 match s1.readiness() {
                     Ok(()) => (StatusCode::OK, "LIVE\n".to_owned()),
-                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("NOT READY: {why}\n")),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("NOT READY: {why}\n"),
+                    ),
                 }
             }),
         )
@@ -110,7 +117,10 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 match prometheus_client::encoding::text::encode(&mut body, &s2.registry) {
                     Ok(()) => (
                         StatusCode::OK,
-                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         body,
                     )
                         .into_response(),

@@ -64,7 +64,8 @@ pub async fn serve(
         shared.tracker.spawn(
             async move {
                 let _permit = permit;
-                let mut log = ConnLog::new(id, Direction::Inbound, peer, local, shared2.metrics.clone());
+                let mut log =
+                    ConnLog::new(id, Direction::Inbound, peer, local, shared2.metrics.clone());
                 tokio::select! {
                     _ = handle(stream, app, &shared2, &mut log) => {}
                     _ = shared2.force_close.cancelled() => log.reason = "shutdown",
@@ -89,7 +90,10 @@ async fn handle(tcp: TcpStream, app: SocketAddr, shared: &Shared, log: &mut Conn
         }
         Err(_) => {
             metrics.handshake("inbound", "timeout");
-            return log.fail("handshake_timeout", format!("no ClientHello within {:?}", limits.handshake_timeout));
+            return log.fail(
+                "handshake_timeout",
+                format!("no ClientHello within {:?}", limits.handshake_timeout),
+            );
         }
     };
     let overlap = start
@@ -104,30 +108,41 @@ async fn handle(tcp: TcpStream, app: SocketAddr, shared: &Shared, log: &mut Conn
             return log.fail("no_identity", e);
         }
     };
-    let stream = match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            metrics.handshake("inbound", "failed");
-            tracing::warn!(src = %log.src, error = %e, "inbound TLS handshake failed");
-            return log.fail("handshake_failed", e);
-        }
-        Err(_) => {
-            metrics.handshake("inbound", "timeout");
-            return log.fail("handshake_timeout", format!("no TLS handshake within {:?}", limits.handshake_timeout));
-        }
-    };
+    let stream =
+        match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                metrics.handshake("inbound", "failed");
+                tracing::warn!(src = %log.src, error = %e, "inbound TLS handshake failed");
+                return log.fail("handshake_failed", e);
+            }
+            Err(_) => {
+                metrics.handshake("inbound", "timeout");
+                return log.fail(
+                    "handshake_timeout",
+                    format!("no TLS handshake within {:?}", limits.handshake_timeout),
+                );
+            }
+        };
     metrics.handshake("inbound", "ok");
     let (_, conn) = stream.get_ref();
     log.peer_id = conn.peer_certificates().and_then(identity::peer_spiffe_id);
     let negotiated = conn.alpn_protocol().map(<[u8]>::to_vec);
-    log.alpn = negotiated.as_deref().map(|a| String::from_utf8_lossy(a).into_owned());
-    tracing::info!(peer_id = log.peer_id.as_deref().unwrap_or("-"), alpn = log.alpn.as_deref().unwrap_or("-"), "inbound mTLS accepted");
+    log.alpn = negotiated
+        .as_deref()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    tracing::info!(
+        peer_id = log.peer_id.as_deref().unwrap_or("-"),
+        alpn = log.alpn.as_deref().unwrap_or("-"),
+        "inbound mTLS accepted"
+    );
 
-    let mut upstream = match tokio::time::timeout(limits.app_connect_timeout, TcpStream::connect(app)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return log.fail("app_connect_failed", format!("connect {app}: {e}")),
-        Err(_) => return log.fail("app_connect_failed", format!("connect {app}: timed out")),
-    };
+    let mut upstream =
+        match tokio::time::timeout(limits.app_connect_timeout, TcpStream::connect(app)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return log.fail("app_connect_failed", format!("connect {app}: {e}")),
+            Err(_) => return log.fail("app_connect_failed", format!("connect {app}: timed out")),
+        };
     let _ = upstream.set_nodelay(true);
     log.endpoint = Some(app);
     log.cluster = Some("inbound".to_owned());

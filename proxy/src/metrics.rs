@@ -76,21 +76,81 @@ impl Metrics {
     /// Registers every metric under `ferry_proxy_*`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("ferry_proxy");
-        r.register("connections_accepted", "Connections accepted", self.accepted.clone());
-        r.register("connections_active", "Connections open now", self.active.clone());
-        r.register("connections_closed", "Connections closed, by reason", self.closed.clone());
-        r.register("bytes", "Bytes copied, by direction and flow", self.bytes.clone());
-        r.register("tls_handshakes", "TLS handshakes, by result", self.handshakes.clone());
-        r.register("metadata_exchange", "Istio TCP metadata exchange outcomes", self.mx.clone());
-        r.register("connections_refused", "Connections refused before dialling, by reason", self.refused.clone());
-        r.register("upstream_connect_failures", "Failed dials of an upstream endpoint", self.connect_failures.clone());
-        r.register("outlier_ejected_endpoints", "Endpoints ejected by outlier detection", self.ejected.clone());
-        r.register("xds_synced", "1 when clusters, endpoints and listeners have all arrived", self.xds_synced.clone());
-        r.register("xds_connected", "1 while the ADS stream is up", self.xds_connected.clone());
-        r.register("xds_updates", "xDS updates applied", self.xds_updates.clone());
-        r.register("xds_nacks", "xDS responses rejected (NACKed)", self.xds_nacks.clone());
-        r.register("xds_routes", "Outbound filter chains known", self.xds_routes.clone());
-        r.register("vip_listeners", "VIP listeners bound by --bind-vips", self.vip_listeners.clone());
+        r.register(
+            "connections_accepted",
+            "Connections accepted",
+            self.accepted.clone(),
+        );
+        r.register(
+            "connections_active",
+            "Connections open now",
+            self.active.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed, by reason",
+            self.closed.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes copied, by direction and flow",
+            self.bytes.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes, by result",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "metadata_exchange",
+            "Istio TCP metadata exchange outcomes",
+            self.mx.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused before dialling, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Failed dials of an upstream endpoint",
+            self.connect_failures.clone(),
+        );
+        r.register(
+            "outlier_ejected_endpoints",
+            "Endpoints ejected by outlier detection",
+            self.ejected.clone(),
+        );
+        r.register(
+            "xds_synced",
+            "1 when clusters, endpoints and listeners have all arrived",
+            self.xds_synced.clone(),
+        );
+        r.register(
+            "xds_connected",
+            "1 while the ADS stream is up",
+            self.xds_connected.clone(),
+        );
+        r.register(
+            "xds_updates",
+            "xDS updates applied",
+            self.xds_updates.clone(),
+        );
+        r.register(
+            "xds_nacks",
+            "xDS responses rejected (NACKed)",
+            self.xds_nacks.clone(),
+        );
+        r.register(
+            "xds_routes",
+            "Outbound filter chains known",
+            self.xds_routes.clone(),
+        );
+        r.register(
+            "vip_listeners",
+            "VIP listeners bound by --bind-vips",
+            self.vip_listeners.clone(),
+        );
     }
 
     /// Counts a refusal.

@@ -77,17 +77,36 @@ mod tests {
 
     #[test]
     fn mapped_addresses_become_ipv4() {
-        let a: SocketAddr = "[::ffff:127.240.0.1]:8443".parse().unwrap_or_else(|_| unreachable!());
-        assert_eq!(canonical(a), "127.240.0.1:8443".parse().unwrap_or_else(|_| unreachable!()));
+        let a: SocketAddr = "[::ffff:127.240.0.1]:8443"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            canonical(a),
+            "127.240.0.1:8443"
+                .parse()
+                .unwrap_or_else(|_| unreachable!())
+        );
     }
 
     #[test]
     fn own_listener_is_detected() {
         let l: SocketAddr = "0.0.0.0:10000".parse().unwrap_or_else(|_| unreachable!());
-        assert!(is_self("127.0.0.1:10000".parse().unwrap_or_else(|_| unreachable!()), l));
-        assert!(is_self("10.1.2.3:10000".parse().unwrap_or_else(|_| unreachable!()), l));
-        assert!(!is_self("127.0.0.1:6379".parse().unwrap_or_else(|_| unreachable!()), l));
+        assert!(is_self(
+            "127.0.0.1:10000".parse().unwrap_or_else(|_| unreachable!()),
+            l
+        ));
+        assert!(is_self(
+            "10.1.2.3:10000".parse().unwrap_or_else(|_| unreachable!()),
+            l
+        ));
+        assert!(!is_self(
+            "127.0.0.1:6379".parse().unwrap_or_else(|_| unreachable!()),
+            l
+        ));
         let l: SocketAddr = "127.0.0.1:10000".parse().unwrap_or_else(|_| unreachable!());
-        assert!(!is_self("127.0.0.2:10000".parse().unwrap_or_else(|_| unreachable!()), l));
+        assert!(!is_self(
+            "127.0.0.2:10000".parse().unwrap_or_else(|_| unreachable!()),
+            l
+        ));
     }
 }

@@ -124,13 +124,16 @@ async fn handle(
             log.fail(reason, detail);
         }
         Decision::Direct { why, chain } => {
-            log.cluster = Some(chain.map_or_else(|| format!("passthrough:{why}"), |c| c.cluster.clone()));
+            log.cluster =
+                Some(chain.map_or_else(|| format!("passthrough:{why}"), |c| c.cluster.clone()));
             let idle = chain.and_then(|c| c.idle_timeout);
             direct(client, dst, idle, shared, log).await;
         }
         Decision::Cluster { chain, upstream } => {
             log.cluster = Some(upstream.name.clone());
-            let idle = chain.idle_timeout.unwrap_or(shared.config.limits.idle_timeout);
+            let idle = chain
+                .idle_timeout
+                .unwrap_or(shared.config.limits.idle_timeout);
             via_cluster(client, upstream, idle, shared, log).await;
         }
     }
@@ -151,10 +154,17 @@ async fn direct(
     shared: &Shared,
     log: &mut ConnLog,
 ) {
-    let mut upstream = match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+    let mut upstream = match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(dst))
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return log.fail("upstream_connect_failed", format!("connect {dst}: {e}")),
-        Err(_) => return log.fail("upstream_connect_failed", format!("connect {dst}: timed out after {DIRECT_CONNECT_TIMEOUT:?}")),
+        Err(_) => {
+            return log.fail(
+                "upstream_connect_failed",
+                format!("connect {dst}: timed out after {DIRECT_CONNECT_TIMEOUT:?}"),
+            );
+        }
     };
     let _ = upstream.set_nodelay(true);
     log.endpoint = Some(dst);
@@ -168,10 +178,16 @@ async fn direct(
 async fn dial(upstream: &Upstream, shared: &Shared, log: &mut ConnLog) -> Option<TcpStream> {
     let seed = log.id ^ (log.src.port() as u64) << 32;
     let mut last_error = String::from("the cluster has no endpoints");
-    for ep in shared.outliers.attempt_order(&upstream.name, &upstream.endpoints, seed) {
+    for ep in shared
+        .outliers
+        .attempt_order(&upstream.name, &upstream.endpoints, seed)
+    {
         let addr = match &ep.address {
             GatewayAddress::Ip(ip) => SocketAddr::new(*ip, ep.port),
-            GatewayAddress::Hostname(h) => match tokio::net::lookup_host((h.as_str(), ep.port)).await.map(|mut a| a.next()) {
+            GatewayAddress::Hostname(h) => match tokio::net::lookup_host((h.as_str(), ep.port))
+                .await
+                .map(|mut a| a.next())
+            {
                 Ok(Some(a)) => a,
                 Ok(None) | Err(_) => {
                     last_error = format!("cannot resolve gateway {h}");
@@ -189,7 +205,12 @@ async fn dial(upstream: &Upstream, shared: &Shared, log: &mut ConnLog) -> Option
                 return Some(s);
             }
             Ok(Err(e)) => last_error = format!("connect {addr}: {e}"),
-            Err(_) => last_error = format!("connect {addr}: timed out after {:?}", upstream.connect_timeout),
+            Err(_) => {
+                last_error = format!(
+                    "connect {addr}: timed out after {:?}",
+                    upstream.connect_timeout
+                )
+            }
         }
         shared.metrics.connect_failures.inc();
         shared.outliers.report(&upstream.name, ep, false);
@@ -239,11 +260,20 @@ async fn istio_mtls(
         Ok(n) => n,
         Err(_) => match log.endpoint {
             Some(ep) => ServerName::IpAddress(ep.ip().into()),
-            None => return log.fail("bad_sni", format!("SNI {:?} is not a valid server name", tls.sni)),
+            None => {
+                return log.fail(
+                    "bad_sni",
+                    format!("SNI {:?} is not a valid server name", tls.sni),
+                );
+            }
         },
     };
     let connector = tokio_rustls::TlsConnector::from(config);
-    let handshake = tokio::time::timeout(shared.config.limits.handshake_timeout, connector.connect(name, tcp)).await;
+    let handshake = tokio::time::timeout(
+        shared.config.limits.handshake_timeout,
+        connector.connect(name, tcp),
+    )
+    .await;
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -253,14 +283,22 @@ async fn istio_mtls(
         }
         Err(_) => {
             metrics.handshake("outbound", "timeout");
-            return log.fail("handshake_timeout", format!("no TLS handshake within {:?}", shared.config.limits.handshake_timeout));
+            return log.fail(
+                "handshake_timeout",
+                format!(
+                    "no TLS handshake within {:?}",
+                    shared.config.limits.handshake_timeout
+                ),
+            );
         }
     };
     metrics.handshake("outbound", "ok");
     let (_, conn) = stream.get_ref();
     log.peer_id = conn.peer_certificates().and_then(identity::peer_spiffe_id);
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    log.alpn = alpn.as_deref().map(|a| String::from_utf8_lossy(a).into_owned());
+    log.alpn = alpn
+        .as_deref()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
     if alpn.as_deref() != Some(ISTIO_PEER_EXCHANGE) {
         metrics.mx("outbound", "not_negotiated");
         let mut stream = stream;
@@ -271,7 +309,10 @@ async fn istio_mtls(
     let mut mx = MxStream::client(stream, shared.own_frame(), shared.config.limits.mx_timeout);
     if let Err(e) = mx.send_own().await {
         metrics.mx("outbound", "failed");
-        return log.fail("mx_failed", format!("sending ferry's metadata-exchange frame: {e}"));
+        return log.fail(
+            "mx_failed",
+            format!("sending ferry's metadata-exchange frame: {e}"),
+        );
     }
     let reason = copy::bidirectional(&mut client, &mut mx, cfg, &log.counts).await;
     log.closed(reason);

@@ -75,7 +75,9 @@ pub fn decide(state: &XdsState, dst: SocketAddr, policy: OutboundPolicy) -> Deci
         },
         OutboundPolicy::RegistryOnly => Decision::Refuse {
             reason: "registry_only",
-            detail: format!("{dst} is not a federated service and the outbound policy is registry-only"),
+            detail: format!(
+                "{dst} is not a federated service and the outbound policy is registry-only"
+            ),
         },
     }
 }

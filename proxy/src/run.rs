@@ -97,7 +97,9 @@ impl Proxy {
 
         let mut out = None;
         if let Some(addr) = cfg.outbound {
-            let feed = xds.as_ref().ok_or(StartError::NoXds { what: "the outbound listener" })?;
+            let feed = xds.as_ref().ok_or(StartError::NoXds {
+                what: "the outbound listener",
+            })?;
             let l = bind(addr, "outbound").await?;
             out = l.local_addr().ok();
             tasks.spawn(outbound::serve(
@@ -110,8 +112,14 @@ impl Proxy {
             ));
         }
         if cfg.bind_vips {
-            let feed = xds.as_ref().ok_or(StartError::NoXds { what: "--bind-vips" })?;
-            tasks.spawn(vips::manage(feed.state.clone(), shared.clone(), accept_stop.clone()));
+            let feed = xds.as_ref().ok_or(StartError::NoXds {
+                what: "--bind-vips",
+            })?;
+            tasks.spawn(vips::manage(
+                feed.state.clone(),
+                shared.clone(),
+                accept_stop.clone(),
+            ));
         }
         let mut inb = None;
         if let Some(i) = cfg.inbound.clone() {
@@ -174,8 +182,14 @@ impl Proxy {
         self.shared.tracker.close();
         let open = self.shared.tracker.len();
         tracing::info!(open_connections = open, drain = ?drain, "draining");
-        if tokio::time::timeout(drain, self.shared.tracker.wait()).await.is_err() {
-            tracing::warn!(open_connections = self.shared.tracker.len(), "drain time over; closing the remaining connections");
+        if tokio::time::timeout(drain, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open_connections = self.shared.tracker.len(),
+                "drain time over; closing the remaining connections"
+            );
         }
         self.shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.tracker.wait()).await;

@@ -87,7 +87,9 @@ struct OwnFrame {
 
 impl std::fmt::Debug for OwnFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnFrame").field("settings", &self.settings).finish()
+        f.debug_struct("OwnFrame")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 

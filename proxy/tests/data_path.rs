@@ -101,16 +101,6 @@ async fn identity(socket: &std::path::Path, hint: &str) -> Identity {
     Identity::from_source(Arc::new(source))
 }
 
-/// Destinations injected as if conntrack had recorded them (no root needed).
-#[derive(Debug)]
-struct FixedDst(SocketAddr);
-
-impl OrigDst for FixedDst {
-    fn original_dst(&self, _: &TcpStream, _: SocketAddr) -> std::io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
-
 struct Mesh {
     _dir: testkit::TempDir,
     xds: Option<testkit::xds_agent::Agent>,
@@ -157,7 +147,11 @@ async fn start_proxy(
 
 /// One service `name` (IstioMtls unless `mtls`), routed through ferry's outbound to ferry's
 /// inbound in front of a plain HTTP server.
-async fn mesh(name: &'static str, svid_ttl: &'static str, capture: Option<Arc<dyn OrigDst>>) -> Mesh {
+async fn mesh(
+    name: &'static str,
+    svid_ttl: &'static str,
+    capture: Option<Arc<dyn OrigDst>>,
+) -> Mesh {
     mesh_with(Opts {
         name,
         svid_ttl,
@@ -180,7 +174,13 @@ struct Opts {
 }
 
 async fn mesh_with(o: Opts) -> Mesh {
-    let Opts { name, svid_ttl, capture, expect_path, echo } = o;
+    let Opts {
+        name,
+        svid_ttl,
+        capture,
+        expect_path,
+        echo,
+    } = o;
     let dir = testkit::tempdir().unwrap();
     let inbound_port = testkit::free_port();
     let app_addr = if echo {
@@ -197,8 +197,14 @@ async fn mesh_with(o: Opts) -> Mesh {
         .ca("svidTtl", svid_ttl)
         .entry(&Entry::new(CLIENT_ID, [format!("unix:uid:{uid}")]).hint("client"))
         .entry(
-            &Entry::new(&server_id(name), [format!("unix:uid:{uid}"), format!("unix:path:{}", me.display())])
-                .hint("server"),
+            &Entry::new(
+                &server_id(name),
+                [
+                    format!("unix:uid:{uid}"),
+                    format!("unix:path:{}", me.display()),
+                ],
+            )
+            .hint("server"),
         )
         .render()
         + &service(
@@ -229,7 +235,13 @@ async fn mesh_with(o: Opts) -> Mesh {
         listen: ([127, 0, 0, 1], inbound_port).into(),
         app: app_addr,
     });
-    let inbound = start_proxy(icfg, identity(&socket, "server").await, None, Arc::new(Conntrack)).await;
+    let inbound = start_proxy(
+        icfg,
+        identity(&socket, "server").await,
+        None,
+        Arc::new(Conntrack),
+    )
+    .await;
 
     let mut ocfg = base_config();
     ocfg.bind_vips = true;
@@ -260,7 +272,11 @@ async fn mesh_with(o: Opts) -> Mesh {
 impl Mesh {
     fn vip(&self, name: &str) -> SocketAddr {
         let host = format!("{name}.demo.{TD}");
-        let ip = self.client.state().resolve(&host).expect("the DNS table names the service");
+        let ip = self
+            .client
+            .state()
+            .resolve(&host)
+            .expect("the DNS table names the service");
         SocketAddr::from((ip, 8443))
     }
 
@@ -282,7 +298,10 @@ impl Mesh {
 
     async fn metrics(&self, proxy: &Proxy) -> String {
         let admin = proxy.admin.expect("admin");
-        testkit::http::get(admin, "/stats/prometheus").await.unwrap().body
+        testkit::http::get(admin, "/stats/prometheus")
+            .await
+            .unwrap()
+            .body
     }
 
     async fn stop(self) {
@@ -302,8 +321,20 @@ async fn plain_client_reaches_plain_server_over_istio_mtls_with_metadata_exchang
     // The response is byte-exact, so neither side's metadata frame leaked into the payload;
     // the counters say the exchange happened (the port probe above counts as well).
     let out = m.metrics(&m.outbound).await;
-    assert!(metric(&out, "ferry_proxy_metadata_exchange_total{direction=\"outbound\",reason=\"exchanged\"}") >= 1, "{out}");
-    assert!(metric(&out, "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"ok\"}") >= 1, "{out}");
+    assert!(
+        metric(
+            &out,
+            "ferry_proxy_metadata_exchange_total{direction=\"outbound\",reason=\"exchanged\"}"
+        ) >= 1,
+        "{out}"
+    );
+    assert!(
+        metric(
+            &out,
+            "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"ok\"}"
+        ) >= 1,
+        "{out}"
+    );
     m.stop().await;
 }
 
@@ -342,8 +373,20 @@ async fn a_server_with_an_unexpected_spiffe_id_is_refused() {
     let resp = get(vip).await.unwrap_or_default();
     assert!(resp.is_empty(), "no bytes may reach the client: {resp}");
     let out = m.metrics(&m.outbound).await;
-    assert!(metric(&out, "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"failed\"}") >= 1, "{out}");
-    assert!(metric(&out, "ferry_proxy_connections_closed_total{direction=\"outbound\",reason=\"handshake_failed\"}") >= 1, "{out}");
+    assert!(
+        metric(
+            &out,
+            "ferry_proxy_tls_handshakes_total{direction=\"outbound\",reason=\"failed\"}"
+        ) >= 1,
+        "{out}"
+    );
+    assert!(
+        metric(
+            &out,
+            "ferry_proxy_connections_closed_total{direction=\"outbound\",reason=\"handshake_failed\"}"
+        ) >= 1,
+        "{out}"
+    );
     m.stop().await;
 }
 
@@ -376,10 +419,20 @@ async fn loopback_services_pass_through_and_the_proxys_own_port_is_refused() {
     *dst.0.lock().unwrap() = None;
     let mut s = TcpStream::connect(capture).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "a loop must be closed");
     let out = m.metrics(&m.outbound).await;
-    assert_eq!(metric(&out, "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"loop\"}"), 1, "{out}");
+    assert_eq!(
+        metric(
+            &out,
+            "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"loop\"}"
+        ),
+        1,
+        "{out}"
+    );
     m.stop().await;
 }
 
@@ -390,10 +443,20 @@ async fn a_direct_connection_to_the_capture_port_is_refused() {
     let capture = m.outbound.outbound.expect("capture listener");
     let mut s = TcpStream::connect(capture).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0);
     let out = m.metrics(&m.outbound).await;
-    assert_eq!(metric(&out, "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"not_captured\"}"), 1, "{out}");
+    assert_eq!(
+        metric(
+            &out,
+            "ferry_proxy_connections_refused_total{direction=\"outbound\",reason=\"not_captured\"}"
+        ),
+        1,
+        "{out}"
+    );
     m.stop().await;
 }
 
@@ -425,7 +488,10 @@ async fn a_connection_outlives_three_svid_rotations_and_new_ones_use_the_new_svi
             echo_round(&mut fresh, "new\n").await;
         }
     }
-    assert!(serials.len() >= 4, "three rotations expected, saw {serials:?}");
+    assert!(
+        serials.len() >= 4,
+        "three rotations expected, saw {serials:?}"
+    );
     echo_round(&mut long, "after three rotations\n").await;
     m.stop().await;
 }
@@ -446,10 +512,14 @@ async fn the_last_config_keeps_serving_while_the_xds_server_is_gone() {
     let xds = m.xds.take().expect("xds");
     let addr = xds.addr;
     drop(xds);
-    testkit::wait_until("the proxy notices the xDS server is gone", Duration::from_secs(10), || {
-        let c = m.client.connection();
-        async move { !matches!(*c.borrow(), xds::client::ConnectionState::Connected) }
-    })
+    testkit::wait_until(
+        "the proxy notices the xDS server is gone",
+        Duration::from_secs(10),
+        || {
+            let c = m.client.connection();
+            async move { !matches!(*c.borrow(), xds::client::ConnectionState::Connected) }
+        },
+    )
     .await
     .unwrap();
     echo_round(&mut open, "established\n").await;
@@ -458,7 +528,11 @@ async fn the_last_config_keeps_serving_while_the_xds_server_is_gone() {
     echo_round(&mut fresh, "new while xds is down\n").await;
 
     // Back on the same address with one more service: the proxy resyncs and binds its VIP.
-    let more = format!("{}{}", m.yaml, service("eta", 8443, "IstioMtls", 1, "/ns/demo/sa/eta"));
+    let more = format!(
+        "{}{}",
+        m.yaml,
+        service("eta", 8443, "IstioMtls", 1, "/ns/demo/sa/eta")
+    );
     m.xds = Some(testkit::xds_agent::Agent::start_on(&more, addr).await);
     testkit::wait_until("the new service arrives", Duration::from_secs(15), || {
         let st = m.client.state();

@@ -161,7 +161,10 @@ fn cluster_metadata_names_hostname_port_vip_and_mode() {
     let c = cluster_of(&snap, "plain");
     let s = cfg.service("plain.demo.local.domain").unwrap();
     let m = c.metadata.as_ref();
-    assert_eq!(meta::get_string(m, meta::VIP), Some(s.vip.to_string().as_str()));
+    assert_eq!(
+        meta::get_string(m, meta::VIP),
+        Some(s.vip.to_string().as_str())
+    );
     assert_eq!(meta::get_number(m, meta::PORT), Some(8443.0));
     assert_eq!(meta::get_string(m, meta::TLS_MODE), Some("Mtls"));
     // Mtls: raw TCP, as the ADS client sees it too.
