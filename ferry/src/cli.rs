@@ -145,6 +145,7 @@ pub enum NoData {
 /// `ferry proxy ...`: the Cofide sidecar defaults (outbound :10000, DNS :15053, admin
 /// :9901, node id `node`). Every flag has an environment form.
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct ProxyArgs {
     /// The xDS server (`host:port` or `http://host:port`): a ferry agent or any xDS server
     /// serving the outbound listener, clusters and endpoints. Needed unless only

@@ -128,3 +128,58 @@ async fn proxy_admin_serves_ready_stats_and_config_dump() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log_tail(30)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_dns_answers_federated_names_forwards_the_rest_and_sigterm_exits_0() {
+    if !testkit::require("dig (dnsutils)", testkit::dns::dig_available()) {
+        return;
+    }
+    let svc_port = testkit::free_port();
+    let zone = FerryZone::start(
+        Path::new(env!("CARGO_BIN_EXE_ferry")),
+        testkit::tempdir().unwrap(),
+        TD,
+        loopback(testkit::free_port()),
+        &[Entry::new(
+            CLIENT_ID,
+            [format!("unix:uid:{}", testkit::workload::my_uid())],
+        )],
+        &mesh::own_domain_service("server", svc_port, "IstioMtls", loopback(9)),
+    )
+    .await;
+    let upstream = testkit::dns::Upstream::start().await.unwrap();
+    let dns = loopback(testkit::xds_agent::free_udp_port());
+    let cmd = mesh::ProxyCmd::new(&zone.socket)
+        .arg("--xds", format!("http://{}", zone.xds))
+        .arg("--dns", dns)
+        .arg("--dns-upstream", upstream.addr())
+        .arg("--drain-time", "1s");
+    let mut proxy = zone
+        .proxy("ferry-dns", Path::new(env!("CARGO_BIN_EXE_ferry")), &cmd)
+        .await;
+
+    // Federated: the VIP the agent allocated, taken from the xDS dns listener.
+    let a = testkit::dns::dig(dns, HOST, "A", &[]).await.unwrap();
+    assert_eq!(a.status, "NOERROR", "{}", a.raw);
+    assert_eq!(a.answers[0].3, zone.vip(HOST).to_string(), "{}", a.raw);
+    // Anything else goes upstream.
+    let w = testkit::dns::dig(dns, "www.upstream.test", "A", &[])
+        .await
+        .unwrap();
+    assert_eq!(w.answers[0].3, "192.0.2.10", "{}", w.raw);
+
+    // SIGTERM: the proxy drains (nothing open here; the drain itself is tested in
+    // proxy/tests/data_path.rs) and exits 0.
+    let started = Instant::now();
+    let status = proxy
+        .terminate(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log_tail(30)));
+    assert!(status.success(), "exit {status}\n{}", proxy.log_tail(30));
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(
+        proxy.log().contains("ferry proxy stopped"),
+        "{}",
+        proxy.log_tail(30)
+    );
+}

@@ -33,8 +33,31 @@ fn server_id(name: &str) -> String {
 
 /// A FederatedService of the own trust domain (so one Workload API serves both ends).
 fn service(name: &str, port: u16, tls_mode: &str, gateway_port: u16, path: &str) -> String {
+    service_via(
+        name,
+        port,
+        tls_mode,
+        &[("istio-eastwestgateway", gateway_port)],
+        path,
+    )
+}
+
+/// [`service`] with several gateways on 127.0.0.1: (type, port).
+fn service_via(
+    name: &str,
+    port: u16,
+    tls_mode: &str,
+    gateways: &[(&str, u16)],
+    path: &str,
+) -> String {
+    let mut gw = String::new();
+    for (kind, p) in gateways {
+        gw.push_str(&format!(
+            "    - type: {kind}\n      port: {p}\n      ip: 127.0.0.1\n"
+        ));
+    }
     format!(
-        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    ferry.dev/trust-domain: {TD}\nspec:\n  name: {name}\n  namespace: demo\n  port: {port}\n  exportedTrustDomains: [{TD}]\n  spiffeIDPaths: [{path}]\n  tlsMode: {tls_mode}\n  gateways:\n    - type: istio-eastwestgateway\n      port: {gateway_port}\n      ip: 127.0.0.1\n"
+        "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    ferry.dev/trust-domain: {TD}\nspec:\n  name: {name}\n  namespace: demo\n  port: {port}\n  exportedTrustDomains: [{TD}]\n  spiffeIDPaths: [{path}]\n  tlsMode: {tls_mode}\n  gateways:\n{gw}"
     )
 }
 
@@ -171,6 +194,9 @@ struct Opts {
     expect_path: Option<&'static str>,
     /// The app echoes (after a tag) instead of answering HTTP.
     echo: bool,
+    /// A preferred (east-west) gateway that refuses connections, before the real one
+    /// (listed as an ingress gateway, priority 1).
+    dead_first: bool,
 }
 
 async fn mesh_with(o: Opts) -> Mesh {
@@ -180,6 +206,7 @@ async fn mesh_with(o: Opts) -> Mesh {
         capture,
         expect_path,
         echo,
+        dead_first,
     } = o;
     let dir = testkit::tempdir().unwrap();
     let inbound_port = testkit::free_port();
@@ -207,11 +234,18 @@ async fn mesh_with(o: Opts) -> Mesh {
             .hint("server"),
         )
         .render()
-        + &service(
+        + &service_via(
             name,
             8443,
             "IstioMtls",
-            inbound_port,
+            &if dead_first {
+                vec![
+                    ("istio-eastwestgateway", testkit::free_port()),
+                    ("istio-ingressgateway", inbound_port),
+                ]
+            } else {
+                vec![("istio-eastwestgateway", inbound_port)]
+            },
             &expect_path.map_or_else(|| format!("/ns/demo/sa/{name}"), str::to_owned),
         );
     let wl = testkit::workload::start(dir.path(), &yaml).await;
@@ -544,4 +578,98 @@ async fn the_last_config_keeps_serving_while_the_xds_server_is_gone() {
     assert_ne!(eta, vip);
     echo_round(&mut open, "still established\n").await;
     m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_gateway_fails_over_to_the_next_and_is_ejected() {
+    let m = mesh_with(Opts {
+        name: "theta",
+        svid_ttl: "1h",
+        dead_first: true,
+        ..Opts::default()
+    })
+    .await;
+    let vip = m.wait_vip("theta").await;
+    // The port probe above was the first connection; five failures in a row eject.
+    for _ in 0..7 {
+        let resp = get(vip).await.unwrap();
+        assert!(resp.ends_with("pong from theta"), "{resp}");
+    }
+    let out = m.metrics(&m.outbound).await;
+    assert_eq!(
+        metric(&out, "ferry_proxy_upstream_connect_failures_total"),
+        5,
+        "{out}"
+    );
+    assert_eq!(
+        metric(&out, "ferry_proxy_outlier_ejected_endpoints"),
+        1,
+        "{out}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_refuses_plaintext() {
+    let m = mesh("iota", "1h", None).await;
+    let inbound = m.inbound.inbound.expect("inbound");
+    let mut s = TcpStream::connect(inbound).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out).contains("pong"),
+        "plaintext reached the app"
+    );
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_open_connections_then_closes_them() {
+    let m = mesh_with(Opts {
+        name: "kappa",
+        svid_ttl: "1h",
+        echo: true,
+        ..Opts::default()
+    })
+    .await;
+    let vip = m.wait_vip("kappa").await;
+    let mut open = TcpStream::connect(vip).await.unwrap();
+    expect_bytes(&mut open, b"echo\n").await;
+    let Mesh {
+        outbound,
+        inbound,
+        stop,
+        xds,
+        _wl,
+        _dir,
+        client,
+        ..
+    } = m;
+    let started = std::time::Instant::now();
+    let drain = tokio::spawn(outbound.shutdown());
+    // Accepting stops at once; the open connection keeps working during the drain time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(vip).await.is_err(),
+        "the VIP listener must be closed"
+    );
+    echo_round(&mut open, "during the drain\n").await;
+    drain.await.unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "drained for {took:?}");
+    // After the drain time the proxy closed it.
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    inbound.shutdown().await;
+    stop.cancel();
+    drop((xds, client));
 }

@@ -51,6 +51,25 @@ impl Spawned {
         })
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus, Error> {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+                .map_err(|e| Error::Unexpected(format!("SIGTERM {}: {e}", self.name)))?;
+        }
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("{} to exit after SIGTERM", self.name),
+                timeout,
+            })?
+            .map_err(Error::io(format!("wait for {}", self.name)))
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
