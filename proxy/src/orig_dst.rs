@@ -72,6 +72,7 @@ pub fn is_self(dst: SocketAddr, listener: SocketAddr) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -90,23 +91,11 @@ mod tests {
 
     #[test]
     fn own_listener_is_detected() {
-        let l: SocketAddr = "0.0.0.0:10000".parse().unwrap_or_else(|_| unreachable!());
-        assert!(is_self(
-            "127.0.0.1:10000".parse().unwrap_or_else(|_| unreachable!()),
-            l
-        ));
-        assert!(is_self(
-            "10.1.2.3:10000".parse().unwrap_or_else(|_| unreachable!()),
-            l
-        ));
-        assert!(!is_self(
-            "127.0.0.1:6379".parse().unwrap_or_else(|_| unreachable!()),
-            l
-        ));
-        let l: SocketAddr = "127.0.0.1:10000".parse().unwrap_or_else(|_| unreachable!());
-        assert!(!is_self(
-            "127.0.0.2:10000".parse().unwrap_or_else(|_| unreachable!()),
-            l
-        ));
+        let l: SocketAddr = "0.0.0.0:10000".parse().unwrap();
+        assert!(is_self("127.0.0.1:10000".parse().unwrap(), l));
+        assert!(is_self("10.1.2.3:10000".parse().unwrap(), l));
+        assert!(!is_self("127.0.0.1:6379".parse().unwrap(), l));
+        let l: SocketAddr = "127.0.0.1:10000".parse().unwrap();
+        assert!(!is_self("127.0.0.2:10000".parse().unwrap(), l));
     }
 }
