@@ -16,7 +16,7 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", env = "FERRY_LOG_LEVEL")]
     pub log_level: String,
     /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERRY_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
