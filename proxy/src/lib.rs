@@ -19,6 +19,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod copy;
+pub mod gateway;
 pub mod identity;
 pub mod inbound;
 pub mod metadata;
