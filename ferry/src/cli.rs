@@ -52,6 +52,11 @@ pub enum Command {
     /// agent or any control plane serving that subset), the SVID from the Workload API.
     /// With `--inbound` it is also an Istio-compatible server sidecar. SIGTERM drains.
     Proxy(Box<ProxyArgs>),
+    /// Run the server side's SNI router with Istio gateway semantics: `IstioMtls` services
+    /// by `outbound_.P_._.H` with an Istio ALPN required (AUTO_PASSTHROUGH), `Mtls`
+    /// services by hostname (PASSTHROUGH); never terminates TLS. Routes come from the
+    /// zone's FederatedServices (watched).
+    Gateway(GatewayArgs),
 }
 
 /// `ferry config ...`
@@ -266,5 +271,36 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// `ferry gateway ...`
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The server zone's ferry config: its own FederatedServices become routes.
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Where clients connect (Istio's east-west gateway port is 15443).
+    #[arg(long, default_value = "0.0.0.0:15443", env = "FERRY_GATEWAY_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// A service's backend `HOSTNAME=HOST:PORT` (repeatable) [default:
+    /// `<name>.<namespace>.svc.cluster.local:<port>`].
+    #[arg(long = "backend", value_name = "HOSTNAME=HOST:PORT", value_parser = parse_backend, env = "FERRY_GATEWAY_BACKENDS", value_delimiter = ',')]
+    pub backends: Vec<(String, String)>,
+    /// Serve `/metrics` and `/ready` here.
+    #[arg(long, value_name = "ADDR", env = "FERRY_GATEWAY_ADMIN")]
+    pub admin: Option<std::net::SocketAddr>,
+    /// After SIGTERM, how long open connections may finish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "FERRY_GATEWAY_DRAIN_TIME")]
+    pub drain_time: std::time::Duration,
+}
+
+fn parse_backend(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((h, a)) if !h.is_empty() && a.contains(':') => Ok((
+            registry::hostname::Hostname::new(h).to_string(),
+            a.to_owned(),
+        )),
+        _ => Err(format!("{s:?} is not HOSTNAME=HOST:PORT")),
     }
 }

@@ -7,6 +7,7 @@ mod ca;
 mod cli;
 mod config_cmd;
 mod dns_cmd;
+mod gateway_cmd;
 mod logging;
 mod proxy_cmd;
 mod readiness;
@@ -39,6 +40,11 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
         cli::Command::Dns(d) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(dns_cmd::run(d))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        cli::Command::Gateway(g) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(gateway_cmd::run(g))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         cli::Command::Proxy(p) => {
