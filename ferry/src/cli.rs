@@ -57,6 +57,12 @@ pub enum Command {
     /// services by hostname (PASSTHROUGH); never terminates TLS. Routes come from the
     /// zone's FederatedServices (watched).
     Gateway(GatewayArgs),
+    /// Print, as multi-document YAML, the Istio objects the server cluster needs for each
+    /// FederatedService of our own trust domain, as the Cofide Agent creates them:
+    /// ServiceEntry, PeerAuthentication (STRICT for `IstioMtls`, DISABLE on the port for
+    /// `Mtls`), Gateway on the east-west gateway (AUTO_PASSTHROUGH or PASSTHROUGH) and, for
+    /// PASSTHROUGH, the VirtualService routing the SNI to the service.
+    Export(ExportArgs),
 }
 
 /// `ferry config ...`
@@ -303,4 +309,21 @@ fn parse_backend(s: &str) -> Result<(String, String), String> {
         )),
         _ => Err(format!("{s:?} is not HOSTNAME=HOST:PORT")),
     }
+}
+
+/// `ferry export ...`
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The ferry config (YAML, one AgentConfig plus FederatedService documents).
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Namespace of the east-west gateway, where the Gateway objects go.
+    #[arg(long, default_value = "istio-system", value_name = "NS")]
+    pub namespace_of_gateway: String,
+    /// Labels of the east-west gateway pods (`key=value`, comma-separated or repeated).
+    #[arg(long, default_value = "istio=eastwestgateway", value_name = "KEY=VALUE", value_parser = parse_label, value_delimiter = ',')]
+    pub gateway_selector: Vec<(String, String)>,
+    /// The east-west gateway's TLS port.
+    #[arg(long, default_value_t = 15443, value_name = "PORT")]
+    pub gateway_port: u16,
 }

@@ -7,6 +7,7 @@ mod ca;
 mod cli;
 mod config_cmd;
 mod dns_cmd;
+mod export_cmd;
 mod gateway_cmd;
 mod logging;
 mod proxy_cmd;
@@ -32,6 +33,7 @@ fn main() -> std::process::ExitCode {
 fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         cli::Command::Config(c) => config_cmd::run(c),
+        cli::Command::Export(e) => export_cmd::run(e),
         cli::Command::Agent(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(agent::run(a))?;
