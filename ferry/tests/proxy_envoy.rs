@@ -64,6 +64,108 @@ async fn zone(
     .await
 }
 
+/// Which gateway stands between the zones: stock Envoy (Istio's east-west gateway
+/// semantics) or `ferry gateway`; the same tests pass with either.
+#[derive(Clone, Copy, Debug)]
+enum GatewayKind {
+    Envoy,
+    Ferry,
+}
+
+/// A running gateway and what it logs.
+enum Gateway {
+    Envoy(Envoy),
+    Ferry(mesh::Spawned),
+}
+
+impl Gateway {
+    /// Starts `kind` on `addr` with one `route`; `ferry gateway` derives its routes from the
+    /// zone's own FederatedServices, with the route's upstream as the service's backend.
+    async fn start(
+        kind: GatewayKind,
+        bin: Option<&Path>,
+        zone: &FerryZone,
+        addr: SocketAddr,
+        route: GatewayRoute,
+    ) -> Gateway {
+        match kind {
+            GatewayKind::Envoy => {
+                let admin = testkit::free_port();
+                let bin = bin.expect("Envoy binary");
+                let e = Envoy::start(bin, &mesh::gateway_bootstrap(addr, admin, &[route]), admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+                Gateway::Envoy(e)
+            }
+            GatewayKind::Ferry => {
+                let args: Vec<String> = [
+                    "gateway".to_owned(),
+                    "--config".to_owned(),
+                    zone.config.display().to_string(),
+                    "--listen".to_owned(),
+                    addr.to_string(),
+                    "--backend".to_owned(),
+                    format!("{HOST}={}", route.upstream),
+                ]
+                .into();
+                let g =
+                    mesh::Spawned::start("ferry-gateway", &zone.ferry, &args, &[], zone.dir.path())
+                        .unwrap();
+                testkit::wait_for_port(addr, READY)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n{}", g.log_tail(20)));
+                Gateway::Ferry(g)
+            }
+        }
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        match self {
+            Gateway::Envoy(e) => e.log_tail(n),
+            Gateway::Ferry(f) => f.log_tail(n),
+        }
+    }
+
+    /// Waits until the gateway logged a connection with `sni` routed to `upstream`.
+    async fn saw(&self, sni: &str, upstream: SocketAddr) -> Result<(), String> {
+        match self {
+            Gateway::Envoy(e) => testkit::wait_for_log(
+                &e.log_path(),
+                &format!("{} sni={sni} upstream={upstream}", mesh::GATEWAY_LOG_TAG),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Gateway::Ferry(f) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if f.log().lines().any(|l| {
+                        l.contains("gateway connection closed")
+                            && mesh::log_value(l, "sni") == Some(sni)
+                            && mesh::log_value(l, "backend") == Some(upstream.to_string().as_str())
+                    }) {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "no routed connection for sni={sni} backend={upstream}"
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Stock Envoy for `GatewayKind::Envoy` (`None` = skip outside CI), nothing needed for ferry.
+fn gateway_prereq(kind: GatewayKind) -> Option<Option<std::path::PathBuf>> {
+    match kind {
+        GatewayKind::Envoy => testkit::envoy::require().map(Some),
+        GatewayKind::Ferry => Some(None),
+    }
+}
+
 /// Retries `attempt` for 30 s (listeners appear as xDS and SDS settle), then panics with
 /// the last error and `logs()`.
 async fn retry<T, F, Fut>(what: &str, logs: impl Fn() -> String, mut attempt: F) -> T
@@ -107,7 +209,16 @@ fn meta_mentions(line: &str, what: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gateway() {
-    let Some(bin) = testkit::envoy::require() else {
+    istio_mtls_through_gateway(GatewayKind::Envoy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_ferry_gateway() {
+    istio_mtls_through_gateway(GatewayKind::Ferry).await;
+}
+
+async fn istio_mtls_through_gateway(kind: GatewayKind) {
+    let Some(bin) = gateway_prereq(kind) else {
         return;
     };
     let dir = testkit::tempdir().unwrap();
@@ -126,18 +237,14 @@ async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gate
         &mesh::own_domain_service("server", svc_port, "IstioMtls", gateway_addr),
     )
     .await;
-    let admin = testkit::free_port();
-    let gateway = Envoy::start(
-        &bin,
-        &mesh::gateway_bootstrap(
-            gateway_addr,
-            admin,
-            &[GatewayRoute::auto_passthrough(svc_port, HOST, inbound_addr)],
-        ),
-        admin,
+    let gateway = Gateway::start(
+        kind,
+        bin.as_deref(),
+        &zone,
+        gateway_addr,
+        GatewayRoute::auto_passthrough(svc_port, HOST, inbound_addr),
     )
-    .await
-    .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+    .await;
     assert_eq!(zone.ferry_copy("ferry-server"), server_bin);
     let inbound = zone
         .inbound_proxy(&server_bin, inbound_addr, app.addr())
@@ -175,17 +282,10 @@ async fn http_client_reaches_ferry_inbound_through_ferry_outbound_and_envoy_gate
         line.contains(&gateway_addr.to_string()),
         "outbound endpoint: {line}"
     );
-    testkit::wait_for_log(
-        &gateway.log_path(),
-        &format!(
-            "{} sni={} upstream={inbound_addr}",
-            mesh::GATEWAY_LOG_TAG,
-            mesh::auto_passthrough_sni(svc_port, HOST)
-        ),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    gateway
+        .saw(&mesh::auto_passthrough_sni(svc_port, HOST), inbound_addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     assert_eq!(app.requests().len(), 1, "{:?}", app.requests());
 }
 
@@ -299,7 +399,16 @@ async fn envoy_sidecar_without_mx_reaches_ferry_inbound_which_passes_bytes_throu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_untouched() {
-    let Some(bin) = testkit::envoy::require() else {
+    mtls_through_gateway(GatewayKind::Envoy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_client_reaches_its_server_through_ferry_and_ferry_gateway_untouched() {
+    mtls_through_gateway(GatewayKind::Ferry).await;
+}
+
+async fn mtls_through_gateway(kind: GatewayKind) {
+    let Some(bin) = gateway_prereq(kind) else {
         return;
     };
     let me = std::env::current_exe().unwrap();
@@ -324,18 +433,14 @@ async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_unto
     )
     .await
     .unwrap();
-    let admin = testkit::free_port();
-    let gateway = Envoy::start(
-        &bin,
-        &mesh::gateway_bootstrap(
-            gateway_addr,
-            admin,
-            &[GatewayRoute::passthrough(HOST, server.addr())],
-        ),
-        admin,
+    let gateway = Gateway::start(
+        kind,
+        bin.as_deref(),
+        &zone,
+        gateway_addr,
+        GatewayRoute::passthrough(HOST, server.addr()),
     )
-    .await
-    .unwrap_or_else(|e| panic!("gateway Envoy: {e}"));
+    .await;
     let outbound = zone.outbound_proxy().await;
     let vip = zone.vip(HOST);
     let logs = || {
@@ -367,17 +472,10 @@ async fn mtls_client_reaches_its_server_through_ferry_and_envoy_passthrough_unto
     assert_eq!(seen.sni.as_deref(), Some(HOST), "SNI at the server");
     assert_eq!(seen.alpn_offered, vec!["http/1.1"], "ALPN untouched");
     assert_eq!(seen.peer_uri_sans, vec![CLIENT_ID.to_owned()], "client ID");
-    testkit::wait_for_log(
-        &gateway.log_path(),
-        &format!(
-            "{} sni={HOST} upstream={}",
-            mesh::GATEWAY_LOG_TAG,
-            server.addr()
-        ),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    gateway
+        .saw(HOST, server.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     let line = outbound
         .wait_access(Duration::from_secs(10), |l| {
             l.contains(&gateway_addr.to_string())
