@@ -57,6 +57,11 @@ pub enum Command {
     /// services by hostname (PASSTHROUGH); never terminates TLS. Routes come from the
     /// zone's FederatedServices (watched).
     Gateway(GatewayArgs),
+    /// Show the whole mission on this machine: two trust domains, their agents, a gateway,
+    /// an inbound sidecar in front of a plain HTTP server, an app doing its own mTLS, and
+    /// a client sidecar with DNS; one line per ping and tlsMode every second. No root, no
+    /// flags, everything on loopback; Ctrl-C stops it and removes its files.
+    Demo(DemoArgs),
     /// Print, as multi-document YAML, the Istio objects the server cluster needs for each
     /// FederatedService of our own trust domain, as the Cofide Agent creates them:
     /// ServiceEntry, PeerAuthentication (STRICT for `IstioMtls`, DISABLE on the port for
@@ -326,4 +331,15 @@ pub struct ExportArgs {
     /// The east-west gateway's TLS port.
     #[arg(long, default_value_t = 15443, value_name = "PORT")]
     pub gateway_port: u16,
+}
+
+/// `ferry demo ...`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after N rounds (exit 0 when every ping succeeded).
+    #[arg(long, value_name = "N", env = "FERRY_DEMO_COUNT")]
+    pub count: Option<u64>,
+    /// The first of the 11 consecutive loopback ports the demo uses.
+    #[arg(long, default_value_t = 17000, env = "FERRY_DEMO_BASE_PORT")]
+    pub base_port: u16,
 }

@@ -6,6 +6,7 @@ mod agent;
 mod ca;
 mod cli;
 mod config_cmd;
+mod demo;
 mod dns_cmd;
 mod export_cmd;
 mod gateway_cmd;
@@ -17,7 +18,12 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    if let Err(e) = logging::init(cli.log_level.as_str(), cli.log_format) {
+    // The demo prints its own lines; its log stays quiet unless asked.
+    let level = match &cli.command {
+        cli::Command::Demo(_) if cli.log_level == "info" => "warn",
+        _ => cli.log_level.as_str(),
+    };
+    if let Err(e) = logging::init(level, cli.log_format) {
         eprintln!("ferry: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -43,6 +49,15 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(dns_cmd::run(d))?;
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        cli::Command::Demo(d) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let ok = rt.block_on(demo::run(d))?;
+            Ok(if ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
         cli::Command::Gateway(g) => {
             let rt = tokio::runtime::Runtime::new()?;
