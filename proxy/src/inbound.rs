@@ -11,13 +11,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
+use crate::accept;
 use crate::access_log::{ConnLog, Direction};
 use crate::config::InboundConfig;
 use crate::copy::{self, CopyConfig};
@@ -39,39 +38,23 @@ pub async fn serve(
     let Ok(local) = listener.local_addr() else {
         return;
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(listener = %local, error = %e, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = shared.inbound_slots.clone().try_acquire_owned() else {
-            shared.metrics.refuse("inbound", "limit");
-            tracing::warn!(%peer, limit = shared.config.limits.max_connections, "inbound connection limit reached; closing");
-            continue;
-        };
-        let id = shared.next_id();
-        let span = tracing::info_span!("inbound", conn = id, src = %peer);
-        let shared2 = shared.clone();
-        let app = inbound.app;
-        shared.tracker.spawn(
-            async move {
-                let _permit = permit;
-                let mut log =
-                    ConnLog::new(id, Direction::Inbound, peer, local, shared2.metrics.clone());
-                tokio::select! {
-                    _ = handle(stream, app, &shared2, &mut log) => {}
-                    _ = shared2.force_close.cancelled() => log.reason = "shutdown",
-                }
-            }
-            .instrument(span),
+    while let Some((stream, peer, permit)) = accept::next(
+        &listener,
+        Direction::Inbound,
+        &shared.inbound_slots,
+        &shared,
+        &stop,
+    )
+    .await
+    {
+        let (app, s) = (inbound.app, shared.clone());
+        accept::spawn(
+            &shared,
+            Direction::Inbound,
+            peer,
+            local,
+            permit,
+            move |log| Box::pin(async move { handle(stream, app, &s, log).await }),
         );
     }
 }

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod access_log;
 pub mod admin;
 pub mod balance;

@@ -13,9 +13,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use xds::client::model::{IstioTls, Upstream, XdsState};
 
+use crate::accept;
 use crate::access_log::{ConnLog, Direction};
 use crate::copy::{self, CopyConfig};
 use crate::identity;
@@ -54,40 +54,28 @@ pub async fn serve(
         return;
     };
     let mut state = Latest::new(xds);
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %local, error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = shared.outbound_slots.clone().try_acquire_owned() else {
-            shared.metrics.refuse("outbound", "limit");
-            tracing::warn!(%peer, limit = shared.config.limits.max_connections, "outbound connection limit reached; closing");
-            continue;
-        };
-        let id = shared.next_id();
+    while let Some((stream, peer, permit)) = accept::next(
+        &listener,
+        Direction::Outbound,
+        &shared.outbound_slots,
+        &shared,
+        &stop,
+    )
+    .await
+    {
         let snapshot = state.current().clone();
-        let span = tracing::info_span!("outbound", conn = id, src = %peer);
-        let shared2 = shared.clone();
-        let orig = orig_dst.clone();
-        shared.tracker.spawn(
-            async move {
-                let _permit = permit;
-                let mut log = ConnLog::new(id, Direction::Outbound, peer, local, shared2.metrics.clone());
-                tokio::select! {
-                    _ = handle(stream, kind, local, orig.as_ref(), &snapshot, &shared2, &mut log) => {}
-                    _ = shared2.force_close.cancelled() => log.reason = "shutdown",
-                }
-            }
-            .instrument(span),
+        let (orig, s) = (orig_dst.clone(), shared.clone());
+        accept::spawn(
+            &shared,
+            Direction::Outbound,
+            peer,
+            local,
+            permit,
+            move |log| {
+                Box::pin(async move {
+                    handle(stream, kind, local, orig.as_ref(), &snapshot, &s, log).await;
+                })
+            },
         );
     }
 }
