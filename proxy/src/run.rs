@@ -76,6 +76,24 @@ pub struct Proxy {
     tasks: tokio::task::JoinSet<()>,
 }
 
+/// Counts every NACK the xDS client sends (`ferry_proxy_xds_nacks_total`) and logs it.
+async fn count_nacks(
+    mut last: watch::Receiver<Option<String>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = last.changed() => if r.is_err() { return },
+        }
+        if let Some(message) = last.borrow_and_update().as_deref() {
+            shared.metrics.xds_nacks.inc();
+            tracing::warn!(%message, "rejected part of an xDS update; the last good version keeps serving");
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -95,6 +113,13 @@ impl Proxy {
         let mut tasks = tokio::task::JoinSet::new();
         shared.metrics.register(&mut registry);
 
+        if let Some(feed) = &xds {
+            tasks.spawn(count_nacks(
+                feed.last_nack.clone(),
+                shared.clone(),
+                accept_stop.clone(),
+            ));
+        }
         let mut out = None;
         if let Some(addr) = cfg.outbound {
             let feed = xds.as_ref().ok_or(StartError::NoXds {
