@@ -1,0 +1,283 @@
+//! The data-path scenarios (`throughput`, `latency`, `connections`): each case runs through
+//! direct, ferry and Envoy in turn, the order rotating every round so machine drift hits
+//! all three alike; CPU of the proxy and of the harness is read from /proc around each run.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::mesh::{Mesh, Mode, Variant};
+use crate::procs::{cpu_seconds, own_threads_cpu};
+use crate::report::Report;
+use crate::{GEN_THREADS, SRV_THREADS, load};
+
+/// Options every data-path scenario takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Seconds per measurement (one case through one variant).
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Rounds; each runs every case through every variant once.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Stock Envoy (default `$FERRY_ENVOY`, else `.venv/bin/envoy`).
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
+    /// Envoy worker threads (`--concurrency`); ferry's runtime follows the cores.
+    #[arg(long, default_value_t = 2)]
+    pub envoy_concurrency: usize,
+    /// Where to write the JSON report (default `bench/results/<scenario>.json`).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `throughput` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Parallel connections per case (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub connections: Vec<usize>,
+}
+
+/// `latency` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Connections, each one request in flight (closed loop, max rate).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Request and response size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+}
+
+/// `connections` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Parallel connect loops.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+}
+
+/// The variants in the order of `round` (rotated, so none always goes first).
+fn order(round: usize) -> [Variant; 3] {
+    let mut v = Variant::ALL;
+    v.rotate_left(round % 3);
+    v
+}
+
+fn progress(round: usize, rounds: usize, case: &str, v: Variant) {
+    eprint!(
+        "\r\x1b[K[round {}/{rounds}] {case} via {}",
+        round + 1,
+        v.name()
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// CPU seconds of the proxy (if any) and of the harness (generator, servers) in a run.
+struct Cpu {
+    pid: Option<u32>,
+    proxy: f64,
+    generator: f64,
+    servers: f64,
+}
+
+impl Cpu {
+    fn start(pid: Option<u32>) -> Self {
+        Self {
+            pid,
+            proxy: pid.and_then(cpu_seconds).unwrap_or(0.0),
+            generator: own_threads_cpu(GEN_THREADS),
+            servers: own_threads_cpu(SRV_THREADS),
+        }
+    }
+
+    /// (proxy, generator, servers) seconds since [`Cpu::start`].
+    fn stop(self) -> (Option<f64>, f64, f64) {
+        let proxy = self.pid.and_then(cpu_seconds).map(|now| now - self.proxy);
+        (
+            proxy,
+            own_threads_cpu(GEN_THREADS) - self.generator,
+            own_threads_cpu(SRV_THREADS) - self.servers,
+        )
+    }
+}
+
+/// Bulk transfer: Gbit/s, proxy CPU s/GB, harness CPU s/GB.
+pub async fn throughput(mesh: &Mesh, args: &ThroughputArgs) -> anyhow::Result<Report> {
+    let mut r = Report::new("throughput");
+    let d = Duration::from_secs_f64(args.common.duration);
+    for round in 0..args.common.rounds {
+        for mode in Mode::ALL {
+            for &n in &args.connections {
+                let case = format!("{}-{n}conn", mode.name());
+                for v in order(round) {
+                    progress(round, args.common.rounds, &case, v);
+                    let cpu = Cpu::start(mesh.pid(v));
+                    let t = load::throughput(mesh.target(v, mode), n, d).await?;
+                    let (proxy, generator, servers) = cpu.stop();
+                    let gb = t.bytes as f64 / 1e9;
+                    r.record(
+                        &case,
+                        "gbit_per_s",
+                        true,
+                        v,
+                        gb * 8.0 / t.elapsed.as_secs_f64(),
+                    );
+                    if let Some(p) = proxy {
+                        r.record(&case, "proxy_cpu_s_per_gb", false, v, p / gb);
+                    }
+                    r.record(&case, "generator_cpu_s_per_gb", false, v, generator / gb);
+                    r.record(&case, "server_cpu_s_per_gb", false, v, servers / gb);
+                }
+            }
+        }
+    }
+    eprintln!();
+    Ok(r)
+}
+
+/// 1 KiB request/response at max rate: p50/p90/p99/p99.9 and what each proxy adds over
+/// direct (per round, against that round's direct run).
+pub async fn latency(mesh: &Mesh, args: &LatencyArgs) -> anyhow::Result<Report> {
+    let mut r = Report::new("latency");
+    let d = Duration::from_secs_f64(args.common.duration);
+    let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
+    for round in 0..args.common.rounds {
+        for mode in Mode::ALL {
+            let case = format!("{}-{}B-{}conn", mode.name(), args.size, args.connections);
+            let mut direct = [0.0; 4];
+            let mut added = Vec::new();
+            for v in order(round) {
+                progress(round, args.common.rounds, &case, v);
+                let cpu = Cpu::start(mesh.pid(v));
+                let h = load::latency(mesh.target(v, mode), args.connections, args.size, d).await?;
+                let (proxy, generator, _) = cpu.stop();
+                let rps = h.len() as f64 / d.as_secs_f64();
+                r.record(&case, "requests_per_s", true, v, rps);
+                r.record(
+                    &case,
+                    "generator_cpu_util",
+                    false,
+                    v,
+                    generator / d.as_secs_f64(),
+                );
+                if let Some(p) = proxy {
+                    r.record(
+                        &case,
+                        "proxy_cpu_us_per_request",
+                        false,
+                        v,
+                        p * 1e6 / h.len().max(1) as f64,
+                    );
+                }
+                let qs = quantiles.map(|(_, q)| h.value_at_quantile(q) as f64);
+                if v == Variant::Direct {
+                    direct = qs;
+                } else {
+                    added.push((v, qs));
+                }
+                for ((name, _), q) in quantiles.iter().zip(qs) {
+                    r.record(&case, metric_us(name), false, v, q);
+                }
+            }
+            for (v, qs) in added {
+                for (i, (name, _)) in quantiles.iter().enumerate() {
+                    r.record(&case, added_metric(name), false, v, qs[i] - direct[i]);
+                }
+            }
+        }
+    }
+    eprintln!();
+    Ok(r)
+}
+
+fn metric_us(q: &str) -> &'static str {
+    match q {
+        "p50" => "p50_us",
+        "p90" => "p90_us",
+        "p99" => "p99_us",
+        _ => "p99.9_us",
+    }
+}
+
+fn added_metric(q: &str) -> &'static str {
+    match q {
+        "p50" => "p50_added_us",
+        "p90" => "p90_added_us",
+        "p99" => "p99_added_us",
+        _ => "p99.9_added_us",
+    }
+}
+
+/// New connections per second (each a full mTLS handshake at the proxy for `IstioMtls`:
+/// the server resumes no session), their time to first echoed byte, and proxy CPU per
+/// connection.
+pub async fn connections(mesh: &Mesh, args: &ConnectionsArgs) -> anyhow::Result<Report> {
+    let mut r = Report::new("connections");
+    let d = Duration::from_secs_f64(args.common.duration);
+    for round in 0..args.common.rounds {
+        for mode in Mode::ALL {
+            let case = format!("{}-{}parallel", mode.name(), args.connections);
+            let mut direct_p50 = 0.0;
+            let mut added = Vec::new();
+            for v in order(round) {
+                progress(round, args.common.rounds, &case, v);
+                let cpu = Cpu::start(mesh.pid(v));
+                let (n, elapsed, h) =
+                    load::connections(mesh.target(v, mode), args.connections, d).await?;
+                let (proxy, generator, _) = cpu.stop();
+                r.record(
+                    &case,
+                    "connections_per_s",
+                    true,
+                    v,
+                    n as f64 / elapsed.as_secs_f64(),
+                );
+                let p50 = h.value_at_quantile(0.5) as f64;
+                r.record(&case, "connect_p50_us", false, v, p50);
+                r.record(
+                    &case,
+                    "connect_p99_us",
+                    false,
+                    v,
+                    h.value_at_quantile(0.99) as f64,
+                );
+                r.record(
+                    &case,
+                    "generator_cpu_util",
+                    false,
+                    v,
+                    generator / elapsed.as_secs_f64(),
+                );
+                if let Some(p) = proxy {
+                    r.record(
+                        &case,
+                        "proxy_cpu_us_per_connection",
+                        false,
+                        v,
+                        p * 1e6 / n.max(1) as f64,
+                    );
+                }
+                if v == Variant::Direct {
+                    direct_p50 = p50;
+                } else {
+                    added.push((v, p50));
+                }
+                // Let TIME_WAIT and the proxies' closing connections settle between runs.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            for (v, p50) in added {
+                r.record(&case, "handshake_added_p50_us", false, v, p50 - direct_p50);
+            }
+        }
+    }
+    eprintln!();
+    Ok(r)
+}
