@@ -88,6 +88,9 @@ pub enum Error {
     /// A JWT-SVID could not be issued or failed validation.
     #[error("JWT-SVID {0}")]
     Jwt(#[from] JwtError),
+    /// The TPM behind `ca.backend: tpm` failed (the error names its TCTI).
+    #[error(transparent)]
+    Tpm(#[from] crate::tpm::TpmError),
 }
 
 /// Why a path under `ca.stateDir` is not trusted. Each names one check of

@@ -18,6 +18,7 @@ pub mod error;
 pub mod jwt;
 mod private_dir;
 pub mod signer;
+pub mod tpm;
 pub mod x509;
 
 pub use ca::{Authority, AuthorityConfig};
