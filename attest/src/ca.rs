@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::issuing::{IssuanceMode, IssuingLayer};
 use crate::jwt::{self, JwtBundle, JwtKey, JwtSvid};
 use crate::private_dir::{PrivateDir, Secrecy};
 use crate::signer::{KeyStore, Signer, SoftwareKeyStore};
@@ -158,6 +159,8 @@ pub struct Authority {
     /// Serialises rotations (one writer of `state`); readers never take it.
     rotating: Mutex<()>,
     changes: watch::Sender<u64>,
+    /// With [`IssuanceMode::IssuingCa`]: the in-memory issuing CA below the intermediate.
+    issuing: Option<IssuingLayer>,
 }
 
 /// Persisted form of the CA (no secrets: keys are in the key store).
@@ -212,6 +215,18 @@ impl Authority {
     /// ([`Error::KeyMismatch`]). Blocking: call it before the servers start or from
     /// `spawn_blocking`.
     pub fn open(cfg: AuthorityConfig, keys: Arc<dyn KeyStore>) -> Result<Arc<Self>> {
+        Self::open_with_mode(cfg, keys, IssuanceMode::Direct)
+    }
+
+    /// [`open`](Self::open), choosing how SVIDs are signed: by the intermediate itself, or
+    /// (for a slow key such as a TPM's) by a short-lived in-memory issuing CA that the
+    /// intermediate certifies. Use one mode per `ca.stateDir`: the CA levels a root allows
+    /// below it are fixed when the root is created.
+    pub fn open_with_mode(
+        cfg: AuthorityConfig,
+        keys: Arc<dyn KeyStore>,
+        mode: IssuanceMode,
+    ) -> Result<Arc<Self>> {
         let state = Self::load(&cfg, keys.as_ref())?;
         let created = state.roots.is_empty();
         let auth = Arc::new(Self {
@@ -220,6 +235,7 @@ impl Authority {
             state: RwLock::new(state),
             rotating: Mutex::new(()),
             changes: watch::channel(0).0,
+            issuing: IssuingLayer::for_mode(mode),
         });
         auth.rotate(SystemTime::now())?;
         if created {
@@ -435,10 +451,12 @@ impl Authority {
             Ok((key, signer))
         };
 
+        // An issuing CA below the intermediate adds one CA level to every chain.
+        let extra = u8::from(self.issuing.is_some());
         let root_ttl = self.cfg.root_ttl;
         let (c1, r1) = step(roots, now, |status| {
             let (key, signer) = generate("root")?;
-            let cert = x509::build_ca(CaKind::Root, td, &signer, None, now, root_ttl)?;
+            let cert = x509::build_ca(CaKind::Root, 1 + extra, td, &signer, None, now, root_ttl)?;
             tracing::info!(serial = %cert.serial, sha256 = %cert.sha256_fingerprint(), ?status, "new root CA (published in the bundle before it signs)");
             new_ca_gen(key, status, cert, signer)
         })?;
@@ -452,6 +470,7 @@ impl Authority {
             let (key, signer) = generate("int")?;
             let cert = x509::build_ca(
                 CaKind::Intermediate,
+                extra,
                 td,
                 &signer,
                 Some(&active_root),
@@ -582,8 +601,13 @@ impl Authority {
             .find(|g| g.status == Status::Active)
             .map(|g| g.v.clone())
             .ok_or(Error::NoAuthority { what: "X.509" })?;
+        let now = SystemTime::now();
+        if let Some(layer) = &self.issuing {
+            let (signer, chain) = layer.issuer(&self.cfg.trust_domain, &issuer, now)?;
+            return x509::build_svid(id, &signer, &chain, now, ttl);
+        }
         let chain = [issuer.cert.der.clone()];
-        x509::build_svid(id, &issuer, &chain, SystemTime::now(), ttl)
+        x509::build_svid(id, &issuer, &chain, now, ttl)
     }
 
     /// Issues a JWT-SVID for `id` and `audience` valid for `ttl` (capped by the key).

@@ -15,6 +15,7 @@
 
 pub mod ca;
 pub mod error;
+pub mod issuing;
 pub mod jwt;
 mod private_dir;
 pub mod signer;
@@ -23,6 +24,7 @@ pub mod x509;
 
 pub use ca::{Authority, AuthorityConfig};
 pub use error::{Error, Insecure, JwtError, Result};
+pub use issuing::IssuanceMode;
 pub use jwt::{Claims, JwtBundle, JwtSvid};
 pub use signer::{KeyStore, Signer, SoftwareKeyStore, SoftwareSigner};
 pub use x509::{CaCert, X509Svid, check_svid_profile, verify_chain};

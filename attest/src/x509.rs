@@ -178,12 +178,17 @@ fn uri_san(s: &str) -> Result<SanType> {
 pub(crate) enum CaKind {
     Root,
     Intermediate,
+    /// A short-lived issuing CA below the intermediate (see [`crate::issuing`]).
+    Issuing,
 }
 
 /// Builds a CA certificate for `subject_key`: self-signed for a root, signed by `issuer`
 /// for an intermediate. Valid from `now - BACKDATE` for `ttl`, capped by the issuer.
+/// `path_len` is how many CA certificates may follow this one down to a leaf (root: 1, or
+/// 2 with an issuing CA below the intermediate; verifiers such as webpki enforce it).
 pub(crate) fn build_ca(
     kind: CaKind,
+    path_len: u8,
     td: &TrustDomain,
     subject_key: &Arc<dyn Signer>,
     issuer: Option<&CaSigner>,
@@ -193,6 +198,7 @@ pub(crate) fn build_ca(
     let what = match kind {
         CaKind::Root => "root",
         CaKind::Intermediate => "intermediate",
+        CaKind::Issuing => "issuing",
     };
     let mut not_after = now + ttl;
     if let Some(i) = issuer {
@@ -215,17 +221,14 @@ pub(crate) fn build_ca(
     params.serial_number = Some(serial);
     params.not_before = to_time(now - BACKDATE);
     params.not_after = to_time(not_after);
-    params.is_ca = IsCa::Ca(match kind {
-        CaKind::Root => BasicConstraints::Constrained(1),
-        CaKind::Intermediate => BasicConstraints::Constrained(0),
-    });
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
     ];
     params.subject_alt_names = vec![uri_san(&td.id_string())?];
-    params.use_authority_key_identifier_extension = kind == CaKind::Intermediate;
+    params.use_authority_key_identifier_extension = kind != CaKind::Root;
     let cert = match issuer {
         None => params.self_signed(&RcgenKey(subject_key.clone())),
         Some(i) => params.signed_by(&RcgenKey(subject_key.clone()), &i.issuer),

@@ -170,6 +170,40 @@ impl fmt::Display for CaBackend {
     }
 }
 
+/// What `ca.backend: tpm` does without a usable TPM. The default refuses to start: a node
+/// that silently signs with a software key would defeat the point of the TPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaFallback {
+    /// Refuse to start, naming the TCTI and the error.
+    None,
+    /// Log the TPM error and run with software keys.
+    Software,
+}
+
+/// The agent's role in the CA hierarchy (issue 12, node attestation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaRole {
+    /// Its own root (the default; no attestation).
+    Standalone,
+    /// The trust domain's root: verifies TPM nodes and signs their node CAs.
+    Root,
+    /// A node whose TPM-held CA is certified by the root at `ca.upstream` after attestation.
+    Node,
+}
+
+/// How X.509-SVIDs are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaIssuance {
+    /// The CA (TPM) key certifies a short-lived in-memory issuing CA that signs SVIDs (the
+    /// default: one TPM signature per issuing CA, not per SVID).
+    IssuingCa,
+    /// The CA (TPM) key signs every SVID.
+    Direct,
+}
+
 /// The CA's settings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -180,6 +214,15 @@ pub struct CaConfig {
     pub state_dir: PathBuf,
     /// The TPM's TCTI string (e.g. `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`).
     pub tpm_tcti: String,
+    /// What to do when `backend: tpm` finds no usable TPM (`ca.fallback`).
+    pub fallback: CaFallback,
+    /// This agent's place in the trust domain's CA hierarchy (`ca.role`).
+    pub role: CaRole,
+    /// The root agent's node-attestation endpoint (`ca.upstream`, `https://host:port`),
+    /// required for `role: node`.
+    pub upstream: Option<String>,
+    /// How SVIDs are signed (`ca.issuance`).
+    pub issuance: CaIssuance,
     /// Lifetime of CA certificates.
     #[serde(with = "humantime_serde_compat")]
     pub ca_ttl: Duration,

@@ -61,6 +61,10 @@ pub(crate) struct RawCa {
     pub ca_ttl: Option<String>,
     pub svid_ttl: Option<String>,
     pub jwt_svid_ttl: Option<String>,
+    pub fallback: Option<String>,
+    pub role: Option<String>,
+    pub upstream: Option<String>,
+    pub issuance: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -564,3 +564,68 @@ fn outbound_listener_settings() {
     assert_eq!(c.agent.listen.outbound.to_string(), "0.0.0.0:15001");
     assert!(c.agent.listen.outbound_passthrough);
 }
+
+#[test]
+fn tpm_ca_fields() {
+    let c = parse_str(&format!("{AGENT}ca:\n  backend: tpm\n"))
+        .unwrap()
+        .config;
+    assert_eq!(c.agent.ca.fallback, CaFallback::None, "no silent fallback");
+    assert_eq!(c.agent.ca.role, CaRole::Standalone);
+    assert_eq!(c.agent.ca.issuance, CaIssuance::IssuingCa);
+    assert_eq!(c.agent.ca.upstream, None);
+    let c = parse_str(&format!(
+        "{AGENT}ca:\n  backend: tpm\n  fallback: software\n  role: node\n  upstream: https://root:8443\n  issuance: direct\n"
+    ))
+    .unwrap()
+    .config;
+    assert_eq!(c.agent.ca.fallback, CaFallback::Software);
+    assert_eq!(c.agent.ca.role, CaRole::Node);
+    assert_eq!(c.agent.ca.issuance, CaIssuance::Direct);
+    assert_eq!(c.agent.ca.upstream.as_deref(), Some("https://root:8443"));
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  fallback: maybe\n"),
+        "ca.fallback",
+        "none or software",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  fallback: software\n"),
+        "ca.fallback",
+        "only applies to ca.backend: tpm",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n"),
+        "ca.upstream",
+        "required with ca.role: node",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n  upstream: http://root:1\n"),
+        "ca.upstream",
+        "https://host:port",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  role: root\n  upstream: https://x:1\n"),
+        "ca.upstream",
+        "only applies to ca.role: node",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  role: node\n  upstream: https://x:1\n"),
+        "ca.role",
+        "needs ca.backend: tpm",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  role: leaf\n"),
+        "ca.role",
+        "standalone, root or node",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  issuance: fast\n"),
+        "ca.issuance",
+        "issuing-ca or direct",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  tpm:\n    tcti: /dev/tpm0\n"),
+        "ca.tpm.tcti",
+        "device:<path>",
+    );
+}

@@ -358,9 +358,88 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
         .unwrap_or_else(|| defaults::TPM_TCTI.to_owned());
     if tpm_tcti.trim().is_empty() {
         cx.err(i, "ca.tpm.tcti", "must not be empty");
+    } else if !["device", "tabrmd", "swtpm", "mssim"]
+        .iter()
+        .any(|k| tpm_tcti == *k || tpm_tcti.starts_with(&format!("{k}:")))
+    {
+        cx.err(
+            i,
+            "ca.tpm.tcti",
+            format!(
+                "must be device:<path>, tabrmd[:<conf>], swtpm:host=<h>,port=<p> or mssim:host=<h>,port=<p>, got {tpm_tcti:?}"
+            ),
+        );
     }
+    let fallback = match c.fallback.as_deref() {
+        None | Some("none") => CaFallback::None,
+        Some("software") => CaFallback::Software,
+        Some(other) => {
+            cx.err(
+                i,
+                "ca.fallback",
+                format!("must be none or software, got {other:?}"),
+            );
+            CaFallback::None
+        }
+    };
+    if fallback == CaFallback::Software && backend != CaBackend::Tpm {
+        cx.err(i, "ca.fallback", "only applies to ca.backend: tpm");
+    }
+    let role = match c.role.as_deref() {
+        None | Some("standalone") => CaRole::Standalone,
+        Some("root") => CaRole::Root,
+        Some("node") => CaRole::Node,
+        Some(other) => {
+            cx.err(
+                i,
+                "ca.role",
+                format!("must be standalone, root or node, got {other:?}"),
+            );
+            CaRole::Standalone
+        }
+    };
+    let upstream = c.upstream.clone();
+    match (&upstream, role) {
+        (None, CaRole::Node) => cx.err(
+            i,
+            "ca.upstream",
+            "is required with ca.role: node (the root's node-attestation address, https://host:port)",
+        ),
+        (Some(_), CaRole::Standalone | CaRole::Root) => cx.err(
+            i,
+            "ca.upstream",
+            "only applies to ca.role: node",
+        ),
+        (Some(u), CaRole::Node) if !u.starts_with("https://") || u.len() <= "https://".len() => {
+            cx.err(i, "ca.upstream", format!("must be https://host:port, got {u:?}"))
+        }
+        _ => {}
+    }
+    if role == CaRole::Node && backend != CaBackend::Tpm {
+        cx.err(
+            i,
+            "ca.role",
+            "node needs ca.backend: tpm (the root certifies a TPM-held node CA)",
+        );
+    }
+    let issuance = match c.issuance.as_deref() {
+        None | Some("issuing-ca") => CaIssuance::IssuingCa,
+        Some("direct") => CaIssuance::Direct,
+        Some(other) => {
+            cx.err(
+                i,
+                "ca.issuance",
+                format!("must be issuing-ca or direct, got {other:?}"),
+            );
+            CaIssuance::IssuingCa
+        }
+    };
     let ca = CaConfig {
         backend,
+        fallback,
+        role,
+        upstream,
+        issuance,
         state_dir: cx.resolve(
             c.state_dir
                 .as_deref()
