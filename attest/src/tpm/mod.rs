@@ -28,6 +28,7 @@ use tss_esapi::structures::{
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 
+pub use info::{EkCertInfo, TpmInfo};
 pub use keys::{TpmKeyStore, TpmSigner};
 
 /// What went wrong talking to a TPM. Every variant names the TCTI so that an operator with
