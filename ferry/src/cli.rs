@@ -68,6 +68,12 @@ pub enum Command {
     /// `Mtls`), Gateway on the east-west gateway (AUTO_PASSTHROUGH or PASSTHROUGH) and, for
     /// PASSTHROUGH, the VirtualService routing the SNI to the service.
     Export(ExportArgs),
+    /// Inspect the TPM behind `ca.backend: tpm` (vendor, firmware, EK certificate, CA keys).
+    #[command(subcommand)]
+    Attest(crate::attest_cmd::AttestCommand),
+    /// Manage the trust domain's CA (`ferry ca init` creates it ahead of the first start).
+    #[command(subcommand)]
+    Ca(crate::attest_cmd::CaCommand),
 }
 
 /// `ferry config ...`

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod attest_cmd;
 mod ca;
 mod cli;
 mod config_cmd;
@@ -40,6 +41,8 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         cli::Command::Config(c) => config_cmd::run(c),
         cli::Command::Export(e) => export_cmd::run(e),
+        cli::Command::Attest(a) => attest_cmd::run_attest(a),
+        cli::Command::Ca(c) => attest_cmd::run_ca(c),
         cli::Command::Agent(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(agent::run(a))?;

@@ -150,6 +150,15 @@ impl TpmSigner {
         &self.key.private
     }
 
+    /// The SHA-256 of the SEC1 public key, hex: how `ferry attest info` names a key so an
+    /// operator can match it with the node CA certificate.
+    pub fn public_key_sha256(&self) -> String {
+        Sha256::digest(&self.raw)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The TPM this key lives in.
     pub fn tpm(&self) -> &Arc<Tpm> {
         &self.tpm
