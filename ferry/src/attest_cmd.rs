@@ -2,7 +2,7 @@
 //! an agent to `ca.backend: tpm` — is the TPM there, who made it, does it carry an EK
 //! certificate, does the CA key exist in it — and creating a CA ahead of the first start.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -53,7 +53,7 @@ pub struct InitArgs {
     pub config: PathBuf,
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<AgentConfig> {
+fn load(path: &Path) -> anyhow::Result<AgentConfig> {
     Ok(registry::config::load(path)
         .with_context(|| format!("cannot load {}", path.display()))?
         .config
@@ -63,7 +63,7 @@ fn load(path: &PathBuf) -> anyhow::Result<AgentConfig> {
 /// Runs `ferry attest ...`.
 pub fn run_attest(cmd: AttestCommand) -> anyhow::Result<ExitCode> {
     let AttestCommand::Info(args) = cmd;
-    let agent = args.config.as_ref().map(load).transpose()?;
+    let agent = args.config.as_deref().map(load).transpose()?;
     let tcti = args
         .tcti
         .clone()
