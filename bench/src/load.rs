@@ -18,6 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 const SINK: u8 = b'S';
 /// First byte: echo mode.
 const ECHO: u8 = b'E';
+/// How late tokio's millisecond timer may wake a paced request before the delay is
+/// counted against the proxy (see [`latency`]).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// Bulk write size of the generator and read size of the sink.
 const CHUNK: usize = 256 * 1024;
 
@@ -170,14 +173,20 @@ pub fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
-/// Closed-loop request/response: `conns` connections each send `size` bytes and wait for
-/// them to come back, for `duration`; every round trip's time goes into the histogram.
+/// Request/response: `conns` connections each send `size` bytes and wait for them to come
+/// back, for `duration`. With `rate` 0 each connection sends its next request at once
+/// (max rate) and records the round trip; with a `rate` (requests per second per
+/// connection) requests are due on a fixed schedule and each records its time from when it
+/// was due (less the timer's own lateness, up to [`TIMER_SLACK`]), so a stall also counts
+/// against the requests it delayed (no coordinated omission).
 pub async fn latency(
     addr: SocketAddr,
     conns: usize,
     size: usize,
+    rate: f64,
     duration: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -187,8 +196,25 @@ pub async fn latency(
             s.write_all(&[ECHO]).await?;
             let req = vec![0x42u8; size];
             let mut resp = vec![0u8; size];
+            let mut due = Instant::now();
             while Instant::now() < deadline {
-                let t = Instant::now();
+                let t = match interval {
+                    Some(i) => {
+                        tokio::time::sleep_until(due.into()).await;
+                        let now = Instant::now();
+                        // tokio's timer wakes up to a millisecond late: that lateness is
+                        // the harness's, not the proxy's. A request held back longer was
+                        // delayed by the previous response and counts from when it was due.
+                        let t = if now.duration_since(due) > TIMER_SLACK {
+                            due
+                        } else {
+                            now
+                        };
+                        due += i;
+                        t
+                    }
+                    None => Instant::now(),
+                };
                 s.write_all(&req).await?;
                 s.read_exact(&mut resp).await?;
                 h.record(t.elapsed().as_micros().max(1) as u64)?;

@@ -37,7 +37,7 @@ struct Cli {
 enum What {
     /// Bulk transfer, 1 and 8 connections, IstioMtls and Mtls: Gbit/s and CPU per GB.
     Throughput(ThroughputArgs),
-    /// 1 KiB request/response at max rate: percentiles and what each proxy adds over direct.
+    /// 1 KiB request/response at max and fixed rate: percentiles and what each proxy adds over direct.
     Latency(LatencyArgs),
     /// New connections per second, a full mTLS handshake at the proxy each (IstioMtls).
     Connections(ConnectionsArgs),
@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                     common: c.clone(),
                     connections: 1,
                     size: 1024,
+                    rates: vec![0.0, 1000.0],
                 };
                 let k = ConnectionsArgs {
                     common: c,

@@ -52,6 +52,10 @@ pub struct LatencyArgs {
     /// Request and response size in bytes.
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// Fixed request rates per connection to run besides max rate (comma-separated;
+    /// 0 = max rate only).
+    #[arg(long, value_delimiter = ',', default_value = "0,1000")]
+    pub rates: Vec<f64>,
 }
 
 /// `connections` options.
@@ -143,21 +147,35 @@ pub async fn throughput(mesh: &Mesh, args: &ThroughputArgs) -> anyhow::Result<Re
     Ok(r)
 }
 
-/// 1 KiB request/response at max rate: p50/p90/p99/p99.9 and what each proxy adds over
-/// direct (per round, against that round's direct run).
+/// 1 KiB request/response at max rate and at fixed rates: p50/p90/p99/p99.9 and what each
+/// proxy adds over direct (per round, against that round's direct run).
 pub async fn latency(mesh: &Mesh, args: &LatencyArgs) -> anyhow::Result<Report> {
     let mut r = Report::new("latency");
     let d = Duration::from_secs_f64(args.common.duration);
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     for round in 0..args.common.rounds {
-        for mode in Mode::ALL {
-            let case = format!("{}-{}B-{}conn", mode.name(), args.size, args.connections);
+        for (mode, &rate) in Mode::ALL
+            .iter()
+            .flat_map(|m| args.rates.iter().map(move |r| (*m, r)))
+        {
+            let pace = if rate > 0.0 {
+                format!("{rate:.0}rps")
+            } else {
+                "max".to_owned()
+            };
+            let case = format!(
+                "{}-{}B-{}conn-{pace}",
+                mode.name(),
+                args.size,
+                args.connections
+            );
             let mut direct = [0.0; 4];
             let mut added = Vec::new();
             for v in order(round) {
                 progress(round, args.common.rounds, &case, v);
                 let cpu = Cpu::start(mesh.pid(v));
-                let h = load::latency(mesh.target(v, mode), args.connections, args.size, d).await?;
+                let h = load::latency(mesh.target(v, mode), args.connections, args.size, rate, d)
+                    .await?;
                 let (proxy, generator, _) = cpu.stop();
                 let rps = h.len() as f64 / d.as_secs_f64();
                 r.record(&case, "requests_per_s", true, v, rps);
