@@ -135,6 +135,28 @@ impl TpmThread {
         Ok(h)
     }
 
+    /// Flushes every transient object in the TPM (see [`Tpm::open`] for when this is safe).
+    fn flush_stale_transients(&mut self) {
+        use tss_esapi::constants::CapabilityType;
+        use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+        use tss_esapi::structures::CapabilityData;
+        let Ok((CapabilityData::Handles(list), _)) =
+            self.ctx
+                .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+        else {
+            return;
+        };
+        for h in list.into_inner() {
+            if let Ok(obj) = self
+                .ctx
+                .execute_without_session(|c| c.tr_from_tpm_public(h))
+            {
+                tracing::debug!(tcti = %self.tcti, handle = ?h, "flushing a transient object left by a previous client");
+                let _ = self.ctx.flush_context(obj);
+            }
+        }
+    }
+
     /// Flushes the cached signing key and the primary so that a multi-object operation
     /// (attestation) has the TPM's transient slots to itself.
     pub(crate) fn flush_all(&mut self) {
@@ -206,6 +228,25 @@ impl fmt::Debug for Tpm {
     }
 }
 
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        // Flush what we loaded before the process may exit (a TPM without a resource
+        // manager would otherwise keep it); wait briefly so a short-lived command's exit
+        // does not race the flush.
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self
+            .jobs
+            .send(Box::new(move |st| {
+                st.flush_all();
+                let _ = tx.send(());
+            }))
+            .is_ok()
+        {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
 impl Tpm {
     /// Opens the TPM at `tcti` (`device:/dev/tpmrm0`, `tabrmd`, `swtpm:host=H,port=P`,
     /// `mssim:...`) and checks that it answers. Blocking.
@@ -214,6 +255,11 @@ impl Tpm {
             tcti: tcti.to_owned(),
             reason: e.to_string(),
         })?;
+        // swtpm and the simulator serve one client at a time and have no resource manager:
+        // objects a previous client (a crashed agent, `ferry ca init`) left loaded would fill
+        // the TPM's few transient slots, so they are flushed on open. With /dev/tpmrm0 or
+        // tabrmd every client sees only its own objects and nothing needs flushing.
+        let shared_by_nobody = matches!(conf, TctiNameConf::Swtpm(_) | TctiNameConf::Mssim(_));
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let name = tcti.to_owned();
@@ -236,13 +282,16 @@ impl Tpm {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(()));
                 let mut st = TpmThread {
                     tcti: name,
                     ctx,
                     primary: None,
                     loaded: None,
                 };
+                if shared_by_nobody {
+                    st.flush_stale_transients();
+                }
+                let _ = ready_tx.send(Ok(()));
                 while let Ok(job) = rx.recv() {
                     job(&mut st);
                 }
