@@ -49,8 +49,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<(
     s.shutdown().await
 }
 
-/// Accepts on `listener` forever, plain or through `tls`, serving the wire protocol.
-pub async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+/// The TLS version and cipher suite the last connection negotiated (each proxy picks its
+/// own offer order; the server honours it), for the report.
+pub type Negotiated = Arc<std::sync::Mutex<Option<String>>>;
+
+/// Accepts on `listener` forever, plain or through `tls` (noting what each handshake
+/// negotiated in `seen`), serving the wire protocol.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    seen: Negotiated,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -58,10 +67,22 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcc
         };
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
+        let seen = seen.clone();
         tokio::spawn(async move {
             let _ = match tls {
                 Some(a) => match a.accept(tcp).await {
-                    Ok(s) => serve(s).await,
+                    Ok(s) => {
+                        let c = s.get_ref().1;
+                        let what = format!(
+                            "{:?} {:?}",
+                            c.protocol_version(),
+                            c.negotiated_cipher_suite().map(|s| s.suite())
+                        );
+                        if let Ok(mut g) = seen.lock() {
+                            *g = Some(what);
+                        }
+                        serve(s).await
+                    }
                     Err(e) => Err(e),
                 },
                 None => serve(tcp).await,
@@ -74,11 +95,22 @@ pub async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcc
 /// client certificate under `roots`, advertises only the `istio` ALPN (so no metadata
 /// exchange is negotiated by either proxy) and never resumes a session, so every
 /// connection costs the proxy a full handshake.
+///
+/// With `server_order` the server picks the suite by its own preference, AES-128-GCM
+/// first (what BoringSSL clients such as Envoy offer first), instead of honouring the
+/// client's order: both proxies then do the same crypto work per byte.
 pub fn tls_acceptor(
     identity: testkit::mesh::Identity,
     roots: rustls::RootCertStore,
+    server_order: bool,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    if server_order {
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+    let provider = Arc::new(provider);
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
@@ -91,6 +123,7 @@ pub fn tls_acceptor(
     cfg.alpn_protocols = vec![b"istio".to_vec()];
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
+    cfg.ignore_client_order = server_order;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 

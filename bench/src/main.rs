@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         ferry: procs::ferry_binary()?,
         envoy: procs::envoy_binary(common.envoy.as_deref())?,
         envoy_concurrency: common.envoy_concurrency,
+        server_cipher_order: common.server_cipher_order,
     };
     // `all` writes each scenario to its default path and the whole set to `--json`.
     let single_json = match &cli.what {

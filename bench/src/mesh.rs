@@ -88,6 +88,9 @@ pub struct Options {
     pub envoy: PathBuf,
     /// Envoy `--concurrency` (ferry's runtime follows the cores).
     pub envoy_concurrency: usize,
+    /// The TLS server picks the cipher suite (AES-128-GCM first) instead of honouring
+    /// the proxy's offer order.
+    pub server_cipher_order: bool,
 }
 
 /// One proxied side: its two service addresses.
@@ -138,6 +141,7 @@ impl Mesh {
 
         let mut zones = Vec::new();
         let mut sides = Vec::new();
+        let mut negotiated = Vec::new();
         for envoy in [false, true] {
             let port = testkit::free_port();
             let tls_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -171,11 +175,14 @@ impl Mesh {
             let acceptor = load::tls_acceptor(
                 testkit::mesh::svid(&ctx, SERVER_ID),
                 testkit::mesh::roots(&ctx, TD),
+                opts.server_cipher_order,
             )?;
             tls_listener.set_nonblocking(true)?;
+            let seen = load::Negotiated::default();
+            negotiated.push(seen.clone());
             servers.spawn(async move {
                 if let Ok(l) = tokio::net::TcpListener::from_std(tls_listener) {
-                    load::accept_loop(l, Some(acceptor)).await;
+                    load::accept_loop(l, Some(acceptor), seen).await;
                 }
             });
             sides.push(Side {
@@ -216,6 +223,14 @@ impl Mesh {
                 mesh.wait_probe(v, m).await?;
             }
         }
+        for (v, seen) in [Variant::Ferry, Variant::Envoy].iter().zip(&negotiated) {
+            let what = seen.lock().ok().and_then(|g| g.clone());
+            eprintln!(
+                "{} -> TLS server negotiated {}",
+                v.name(),
+                what.as_deref().unwrap_or("?")
+            );
+        }
         Ok(mesh)
     }
 
@@ -253,7 +268,7 @@ async fn bind(
     let addr = l.local_addr()?;
     servers.spawn(async move {
         if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-            load::accept_loop(l, tls).await;
+            load::accept_loop(l, tls, load::Negotiated::default()).await;
         }
     });
     Ok(addr)

@@ -26,6 +26,10 @@ pub struct Common {
     /// Envoy worker threads (`--concurrency`); ferry's runtime follows the cores.
     #[arg(long, default_value_t = 2)]
     pub envoy_concurrency: usize,
+    /// Make the TLS server pick the cipher suite itself (AES-128-GCM first) instead of
+    /// honouring the proxy's order (by default each proxy gets its own first choice).
+    #[arg(long)]
+    pub server_cipher_order: bool,
     /// Where to write the JSON report (default `bench/results/<scenario>.json`).
     #[arg(long)]
     pub json: Option<PathBuf>,
