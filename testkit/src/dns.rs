@@ -68,13 +68,21 @@ impl Upstream {
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
 
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .map_err(Error::io("bind upstream udp"))?;
-        let addr = udp.local_addr().map_err(Error::io("upstream addr"))?;
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(Error::io("bind upstream tcp"))?;
+        // UDP and TCP on the same port: the kernel picks a free UDP port, whose TCP twin
+        // another test may hold; try again with a new port rather than fail.
+        let mut attempt = 0;
+        let (udp, tcp, addr) = loop {
+            attempt += 1;
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .map_err(Error::io("bind upstream udp"))?;
+            let addr = udp.local_addr().map_err(Error::io("upstream addr"))?;
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(e) if attempt >= 20 => return Err(Error::io("bind upstream tcp")(e)),
+                Err(_) => continue,
+            }
+        };
         let mut server = Server::new(catalog);
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 65535);
