@@ -88,8 +88,26 @@ impl Resolver {
             addr: cfg.listen,
             source,
         };
-        let first = reuseport_udp(cfg.listen).map_err(bind_err)?;
-        let local = first.local_addr().map_err(bind_err)?;
+        // UDP and TCP share one port. With port 0 the kernel picks a free UDP port whose TCP
+        // twin may be taken: pick again instead of failing.
+        let attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
+        let mut attempt = 0;
+        let (first, local, tcp) = loop {
+            attempt += 1;
+            let first = reuseport_udp(cfg.listen).map_err(bind_err)?;
+            let local = first.local_addr().map_err(bind_err)?;
+            let tcp = std::net::TcpListener::bind(local).and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            });
+            match tcp {
+                Ok(tcp) => break (first, local, tcp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {
+                    continue;
+                }
+                Err(e) => return Err(bind_err(e)),
+            }
+        };
         if let Some(addr) = cfg.upstreams.iter().find(|u| reaches_self(**u, local)) {
             return Err(DnsError::UpstreamIsSelf { addr: *addr });
         }
@@ -97,12 +115,6 @@ impl Resolver {
         for _ in 1..cfg.udp_workers.max(1) {
             udp.push(Arc::new(reuseport_udp(local).map_err(bind_err)?));
         }
-        let tcp = std::net::TcpListener::bind(local)
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            })
-            .map_err(bind_err)?;
         let forwarder = Forwarder::new(cfg.upstreams, cfg.timeout, cfg.max_inflight)?;
         Ok(Self {
             udp,
