@@ -10,6 +10,7 @@ pub mod dns;
 pub mod envoy;
 pub mod http;
 pub mod mesh;
+pub mod netns;
 pub mod tpm;
 pub mod workload;
 pub mod xds_agent;
