@@ -46,7 +46,12 @@ impl Netns {
     /// The argument prefix that runs a program inside the namespace, for code that takes a
     /// command prefix (such as the capture-rule applier).
     pub fn exec_prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.name.clone()]
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
     }
 
     /// Runs `program args` inside the namespace and returns its output, whatever its status.
@@ -60,7 +65,10 @@ impl Netns {
     /// Runs `program args` inside the namespace; a non-zero exit is an error carrying stderr.
     pub fn exec_ok(&self, program: &str, args: &[&str]) -> Result<String, Error> {
         let out = self.exec(program, args)?;
-        checked(&format!("(in {}) {program} {}", self.name, args.join(" ")), out)
+        checked(
+            &format!("(in {}) {program} {}", self.name, args.join(" ")),
+            out,
+        )
     }
 
     /// Writes `/etc/netns/NAME/resolv.conf`, which `ip netns exec` shows the namespace's
@@ -80,7 +88,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }
