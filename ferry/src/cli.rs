@@ -68,6 +68,11 @@ pub enum Command {
     /// `Mtls`), Gateway on the east-west gateway (AUTO_PASSTHROUGH or PASSTHROUGH) and, for
     /// PASSTHROUGH, the VirtualService routing the SNI to the service.
     Export(ExportArgs),
+    /// Install the capture rules of an injected sidecar in this network namespace (the init
+    /// container's step): `--profile cofide` (spiffe-enable's nftables set) or `istio`
+    /// (istio-iptables REDIRECT mode, same flags); `--dry-run` prints them, `--verify`
+    /// reads them back, `--cleanup` removes exactly ferry's chains. Needs NET_ADMIN.
+    Iptables(Box<crate::iptables_cmd::IptablesArgs>),
     /// Inspect the TPM behind `ca.backend: tpm` (vendor, firmware, EK certificate, CA keys).
     #[command(subcommand)]
     Attest(crate::attest_cmd::AttestCommand),

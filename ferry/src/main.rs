@@ -11,6 +11,7 @@ mod demo;
 mod dns_cmd;
 mod export_cmd;
 mod gateway_cmd;
+mod iptables_cmd;
 mod logging;
 mod proxy_cmd;
 mod readiness;
@@ -41,6 +42,9 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         cli::Command::Config(c) => config_cmd::run(c),
         cli::Command::Export(e) => export_cmd::run(e),
+        cli::Command::Iptables(i) => {
+            iptables_cmd::run(&i).map(|()| std::process::ExitCode::SUCCESS)
+        }
         cli::Command::Attest(a) => attest_cmd::run_attest(a),
         cli::Command::Ca(c) => attest_cmd::run_ca(c),
         cli::Command::Agent(a) => {
