@@ -357,6 +357,7 @@ fn manifest_flags_exist_in_the_binary() {
     for (cmd, flags) in [
         ("agent", &["--config", "--admin"][..]),
         ("proxy", &["--xds", "--workload-api"][..]),
+        ("iptables", &["--profile", "cofide"][..]),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args([cmd, "--help"])
