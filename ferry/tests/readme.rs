@@ -113,7 +113,14 @@ fn every_shell_command_names_real_subcommands_flags_and_files() {
             for cmd in code.split(['&', ';', '|']) {
                 let words: Vec<&str> = cmd.split_whitespace().collect();
                 for w in &words {
-                    if let Some(p) = repo_path(w) {
+                    // A path is a repository path when its first component is a top-level
+                    // entry or it names a file (`deployment/x` is a kubectl resource).
+                    let repo = |p: &str| {
+                        let top = p.split('/').next().unwrap_or_default();
+                        root.join(top).exists()
+                            || p.rsplit('/').next().is_some_and(|f| f.contains('.'))
+                    };
+                    if let Some(p) = repo_path(w).filter(|p| repo(p)) {
                         assert!(
                             Path::new(&root).join(p).exists(),
                             "README names {p}, which does not exist (in: {line})"
