@@ -1,6 +1,10 @@
 //! Benchmarks: X.509-SVIDs issued per second by the software CA, and the latency of
 //! `FetchX509SVID` until its first message over the Unix socket (real `spiffe` client).
 //!
+//! The `tpm` group compares the CA key's backends on a real software TPM (swtpm): the TPM
+//! key signing every SVID (`ca.issuance: direct`) against the default, where it signs a
+//! short-lived in-memory issuing CA that signs the SVIDs (`issuing-ca`).
+//!
 //! Run: `cargo bench -p workload-api --bench svid`.
 
 // A bench is test code: a failed setup should stop it loudly.
@@ -98,5 +102,52 @@ fn fetch_first_message(c: &mut Criterion) {
     shutdown.cancel();
 }
 
-criterion_group!(benches, issue, fetch_first_message);
+/// SVIDs per second with the CA key in a TPM, per issuance mode (skipped without swtpm).
+fn tpm_issuance(c: &mut Criterion) {
+    if !testkit::tpm::available() {
+        eprintln!("tpm benches skipped: swtpm is not installed (./test.sh installs it)");
+        return;
+    }
+    let swtpm = testkit::tpm::Swtpm::start().expect("swtpm");
+    let tpm = Arc::new(attest::tpm::Tpm::open(&swtpm.tcti()).expect("open TPM"));
+    let id = SpiffeId::parse("spiffe://example.org/ns/bench/sa/app").expect("id");
+    let mut g = c.benchmark_group("tpm");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(10);
+    for (name, mode) in [
+        ("issue_x509_svid_direct", attest::IssuanceMode::Direct),
+        (
+            "issue_x509_svid_issuing_ca",
+            attest::IssuanceMode::IssuingCa {
+                ttl: Duration::from_secs(3600),
+            },
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = Arc::new(attest::tpm::TpmKeyStore::new(
+            tpm.clone(),
+            dir.path().join("keys"),
+        ));
+        let ca = attest::Authority::open_with_mode(
+            attest::AuthorityConfig {
+                trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
+                state_dir: dir.path().to_owned(),
+                root_ttl: Duration::from_secs(240 * 3600),
+                ca_ttl: Duration::from_secs(24 * 3600),
+            },
+            keys,
+            mode,
+        )
+        .expect("TPM CA");
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                ca.issue_x509_svid(&id, Duration::from_secs(3600))
+                    .expect("issue")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, issue, fetch_first_message, tpm_issuance);
 criterion_main!(benches);
