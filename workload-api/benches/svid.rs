@@ -17,15 +17,20 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use registry::spiffe::SpiffeId;
 use tokio_util::sync::CancellationToken;
 
+/// A CA for `example.org` keeping its state in `dir`.
+fn authority_config(dir: &std::path::Path) -> attest::AuthorityConfig {
+    attest::AuthorityConfig {
+        trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
+        state_dir: dir.to_owned(),
+        root_ttl: Duration::from_secs(240 * 3600),
+        ca_ttl: Duration::from_secs(24 * 3600),
+    }
+}
+
 fn issue(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = attest::Authority::open(
-        attest::AuthorityConfig {
-            trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
-            state_dir: dir.path().to_owned(),
-            root_ttl: Duration::from_secs(240 * 3600),
-            ca_ttl: Duration::from_secs(24 * 3600),
-        },
+        authority_config(dir.path()),
         Arc::new(attest::SoftwareKeyStore::new(dir.path().join("keys"))),
     )
     .expect("CA");
@@ -128,17 +133,8 @@ fn tpm_issuance(c: &mut Criterion) {
             tpm.clone(),
             dir.path().join("keys"),
         ));
-        let ca = attest::Authority::open_with_mode(
-            attest::AuthorityConfig {
-                trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
-                state_dir: dir.path().to_owned(),
-                root_ttl: Duration::from_secs(240 * 3600),
-                ca_ttl: Duration::from_secs(24 * 3600),
-            },
-            keys,
-            mode,
-        )
-        .expect("TPM CA");
+        let ca = attest::Authority::open_with_mode(authority_config(dir.path()), keys, mode)
+            .expect("TPM CA");
         g.bench_function(name, |b| {
             b.iter(|| {
                 ca.issue_x509_svid(&id, Duration::from_secs(3600))
