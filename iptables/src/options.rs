@@ -93,38 +93,102 @@ pub struct Options {
 pub const TUNNEL_PORT: u16 = 15008;
 
 /// The flags as given on the command line, before validation. `None` means "not given",
-/// so a profile can reject flags it does not use and fill its own defaults.
+/// so a profile can reject flags it does not use and fill its own defaults. With the `cli`
+/// feature these are `ferry iptables`' clap arguments (istio-iptables' short and long names).
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RawOptions {
-    /// `--profile`.
+    /// Rule set: `cofide` (spiffe-enable's: uid 1337 returns, DNS to 15053, all loopback
+    /// TCP to 10000) or `istio` (istio-iptables REDIRECT mode) [default: cofide].
+    #[cfg_attr(feature = "cli", arg(long, value_parser = ["cofide", "istio"]))]
     pub profile: Option<String>,
-    /// `-p`.
+    /// The proxy's outbound capture port [default: 10000 (cofide), 15001 (istio)].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'p', long = "envoy-port", value_name = "PORT")
+    )]
     pub proxy_port: Option<String>,
-    /// `-z`.
+    /// Inbound capture port [istio; default: 15006].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'z', long = "inbound-capture-port", value_name = "PORT")
+    )]
     pub inbound_port: Option<String>,
-    /// `-u`.
+    /// Uid(s) whose traffic is never captured, comma-separated [default: 1337].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'u', long = "proxy-uid", value_name = "UID")
+    )]
     pub proxy_uid: Option<String>,
-    /// `-g`.
+    /// Gid(s) whose traffic is never captured [istio; default: 1337].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'g', long = "proxy-gid", value_name = "GID")
+    )]
     pub proxy_gid: Option<String>,
-    /// `-m`.
+    /// Inbound interception mode; only REDIRECT is supported [istio].
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            short = 'm',
+            long = "istio-inbound-interception-mode",
+            value_name = "MODE"
+        )
+    )]
     pub inbound_mode: Option<String>,
-    /// `-b`.
+    /// Inbound ports to capture, comma-separated, or `*` for all [istio; default: none].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'b', long = "istio-inbound-ports", value_name = "PORTS")
+    )]
     pub inbound_ports: Option<String>,
-    /// `-d`.
+    /// Inbound ports not captured when `-b '*'` [istio].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORTS")
+    )]
     pub inbound_ports_exclude: Option<String>,
-    /// `-i`.
+    /// Outbound CIDRs to capture, or `*` [istio; default: `*`].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'i', long = "istio-service-cidr", value_name = "CIDRS")
+    )]
     pub outbound_cidrs: Option<String>,
-    /// `-x`.
+    /// Outbound CIDRs never captured [istio].
+    #[cfg_attr(
+        feature = "cli",
+        arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDRS")
+    )]
     pub outbound_cidrs_exclude: Option<String>,
-    /// `-q`.
+    /// Outbound ports always captured [istio].
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            short = 'q',
+            long = "istio-include-outbound-ports",
+            value_name = "PORTS"
+        )
+    )]
     pub outbound_ports: Option<String>,
-    /// `-o`.
+    /// Outbound ports never captured [istio].
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            short = 'o',
+            long = "istio-exclude-outbound-ports",
+            value_name = "PORTS"
+        )
+    )]
     pub outbound_ports_exclude: Option<String>,
-    /// `--redirect-dns`.
+    /// Capture DNS (udp/tcp 53 to the nameservers of --resolv-conf) to 15053 [istio;
+    /// always on for cofide].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub redirect_dns: bool,
-    /// `--capture-all-dns`.
+    /// With --redirect-dns: capture DNS to any server, not only resolv.conf's [istio].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub capture_all_dns: bool,
-    /// `--dual-stack`.
+    /// Install IPv6 rules too [istio; cofide always has its ::1 rule].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub dual_stack: bool,
 }
 
