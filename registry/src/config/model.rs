@@ -221,6 +221,13 @@ pub struct CaConfig {
     /// The root agent's node-attestation endpoint (`ca.upstream`, `https://host:port`),
     /// required for `role: node`.
     pub upstream: Option<String>,
+    /// The trust domain's root certificates (PEM file, `ca.upstreamBundle`), required for
+    /// `role: node`: the node trusts the root's node-attestation endpoint only if its TLS
+    /// certificate chains to one of them, and checks its node CA against them.
+    pub upstream_bundle: Option<PathBuf>,
+    /// How the root verifies TPM nodes (`ca.nodeAttestation`), present exactly with
+    /// `role: root`.
+    pub node_attestation: Option<NodeAttestation>,
     /// How SVIDs are signed (`ca.issuance`).
     pub issuance: CaIssuance,
     /// Lifetime of CA certificates.
@@ -232,6 +239,20 @@ pub struct CaConfig {
     /// Default lifetime of JWT-SVIDs.
     #[serde(with = "humantime_serde_compat")]
     pub jwt_svid_ttl: Duration,
+}
+
+/// The root's node-attestation service (`ca.nodeAttestation`, with `ca.role: root`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAttestation {
+    /// Where the gRPC-over-TLS node-attestation API listens.
+    pub listen: SocketAddr,
+    /// PEM files of the TPM manufacturers' CAs an EK certificate must chain to.
+    pub manufacturer_cas: Vec<PathBuf>,
+    /// Lifetime of the node CA certificates the root signs (nodes re-attest before
+    /// expiry).
+    #[serde(with = "humantime_serde_compat")]
+    pub node_ca_ttl: Duration,
 }
 
 /// Where a federated trust domain's bundle comes from.
@@ -508,6 +529,9 @@ pub mod defaults {
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 10000));
     /// CA state directory.
     pub const STATE_DIR: &str = "/var/lib/ferry";
+    /// The root's node-attestation API (`ca.nodeAttestation.listen`).
+    pub const NODE_ATTESTATION: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 18443));
     /// TPM resource manager device.
     pub const TPM_TCTI: &str = "device:/dev/tpmrm0";
     /// SPIRE's default CA lifetime.

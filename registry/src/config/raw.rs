@@ -64,7 +64,18 @@ pub(crate) struct RawCa {
     pub fallback: Option<String>,
     pub role: Option<String>,
     pub upstream: Option<String>,
+    pub upstream_bundle: Option<PathBuf>,
+    pub node_attestation: Option<RawNodeAttestation>,
     pub issuance: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RawNodeAttestation {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub manufacturer_cas: Vec<PathBuf>,
+    pub node_ca_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! One test per validation rule, plus whole-file behaviour (all errors at once, located).
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 
@@ -566,6 +567,71 @@ fn outbound_listener_settings() {
 }
 
 #[test]
+fn node_attestation_fields() {
+    let c = parse_str(&format!(
+        "{AGENT}ca:\n  role: root\n  caTtl: 10h\n  nodeAttestation:\n    listen: 127.0.0.1:9443\n    manufacturerCas: [/m/a.pem, b.pem]\n"
+    ))
+    .unwrap()
+    .config;
+    let n = c
+        .agent
+        .ca
+        .node_attestation
+        .expect("root has nodeAttestation");
+    assert_eq!(n.listen.to_string(), "127.0.0.1:9443");
+    assert_eq!(n.manufacturer_cas[0], Path::new("/m/a.pem"));
+    assert!(
+        n.manufacturer_cas[1].is_absolute(),
+        "relative to the config file"
+    );
+    assert_eq!(
+        n.node_ca_ttl,
+        Duration::from_secs(10 * 3600),
+        "defaults to caTtl"
+    );
+    let c = parse_str(&format!(
+        "{AGENT}ca:\n  role: root\n  nodeAttestation:\n    manufacturerCas: [a.pem]\n    nodeCaTtl: 2h\n"
+    ))
+    .unwrap()
+    .config;
+    let n = c.agent.ca.node_attestation.unwrap();
+    assert_eq!(n.listen.to_string(), "0.0.0.0:18443");
+    assert_eq!(n.node_ca_ttl, Duration::from_secs(2 * 3600));
+    one_error(
+        &format!("{AGENT}ca:\n  role: root\n"),
+        "ca.nodeAttestation",
+        "required with ca.role: root",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  role: root\n  nodeAttestation: {{}}\n"),
+        "ca.nodeAttestation.manufacturerCas",
+        "at least one PEM file",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  nodeAttestation:\n    manufacturerCas: [a.pem]\n"),
+        "ca.nodeAttestation",
+        "only applies to ca.role: root",
+    );
+    one_error(
+        &format!(
+            "{AGENT}ca:\n  role: root\n  nodeAttestation:\n    manufacturerCas: [a.pem]\n    listen: nowhere\n"
+        ),
+        "ca.nodeAttestation.listen",
+        "",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n  upstream: https://root:1\n"),
+        "ca.upstreamBundle",
+        "required with ca.role: node",
+    );
+    one_error(
+        &format!("{AGENT}ca:\n  upstreamBundle: b.pem\n"),
+        "ca.upstreamBundle",
+        "only applies to ca.role: node",
+    );
+}
+
+#[test]
 fn tpm_ca_fields() {
     let c = parse_str(&format!("{AGENT}ca:\n  backend: tpm\n"))
         .unwrap()
@@ -575,7 +641,7 @@ fn tpm_ca_fields() {
     assert_eq!(c.agent.ca.issuance, CaIssuance::IssuingCa);
     assert_eq!(c.agent.ca.upstream, None);
     let c = parse_str(&format!(
-        "{AGENT}ca:\n  backend: tpm\n  fallback: software\n  role: node\n  upstream: https://root:8443\n  issuance: direct\n"
+        "{AGENT}ca:\n  backend: tpm\n  fallback: software\n  role: node\n  upstream: https://root:8443\n  upstreamBundle: /etc/ferry/root.pem\n  issuance: direct\n"
     ))
     .unwrap()
     .config;
@@ -583,6 +649,10 @@ fn tpm_ca_fields() {
     assert_eq!(c.agent.ca.role, CaRole::Node);
     assert_eq!(c.agent.ca.issuance, CaIssuance::Direct);
     assert_eq!(c.agent.ca.upstream.as_deref(), Some("https://root:8443"));
+    assert_eq!(
+        c.agent.ca.upstream_bundle.as_deref(),
+        Some(Path::new("/etc/ferry/root.pem"))
+    );
     one_error(
         &format!("{AGENT}ca:\n  backend: tpm\n  fallback: maybe\n"),
         "ca.fallback",
@@ -594,22 +664,26 @@ fn tpm_ca_fields() {
         "only applies to ca.backend: tpm",
     );
     one_error(
-        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n"),
+        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n  upstreamBundle: b.pem\n"),
         "ca.upstream",
         "required with ca.role: node",
     );
     one_error(
-        &format!("{AGENT}ca:\n  backend: tpm\n  role: node\n  upstream: http://root:1\n"),
+        &format!(
+            "{AGENT}ca:\n  backend: tpm\n  role: node\n  upstream: http://root:1\n  upstreamBundle: b.pem\n"
+        ),
         "ca.upstream",
         "https://host:port",
     );
     one_error(
-        &format!("{AGENT}ca:\n  role: root\n  upstream: https://x:1\n"),
+        &format!(
+            "{AGENT}ca:\n  role: root\n  upstream: https://x:1\n  nodeAttestation:\n    manufacturerCas: [m.pem]\n"
+        ),
         "ca.upstream",
         "only applies to ca.role: node",
     );
     one_error(
-        &format!("{AGENT}ca:\n  role: node\n  upstream: https://x:1\n"),
+        &format!("{AGENT}ca:\n  role: node\n  upstream: https://x:1\n  upstreamBundle: b.pem\n"),
         "ca.role",
         "needs ca.backend: tpm",
     );

@@ -415,6 +415,63 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
         }
         _ => {}
     }
+    let ca_ttl = cx.duration(i, "ca.caTtl", c.ca_ttl.as_deref(), defaults::CA_TTL);
+    let upstream_bundle = c.upstream_bundle.as_deref().map(|p| cx.resolve(p));
+    match (&upstream_bundle, role) {
+        (None, CaRole::Node) => cx.err(
+            i,
+            "ca.upstreamBundle",
+            "is required with ca.role: node (a PEM file with the trust domain's root certificates: the node trusts the root's TLS certificate and its node CA only under them)",
+        ),
+        (Some(_), CaRole::Standalone | CaRole::Root) => cx.err(
+            i,
+            "ca.upstreamBundle",
+            "only applies to ca.role: node",
+        ),
+        _ => {}
+    }
+    let node_attestation = match (&c.node_attestation, role) {
+        (None, CaRole::Root) => {
+            cx.err(
+                i,
+                "ca.nodeAttestation",
+                "is required with ca.role: root (at least manufacturerCas: the TPM manufacturer CA PEM files EK certificates must chain to)",
+            );
+            None
+        }
+        (Some(_), CaRole::Standalone | CaRole::Node) => {
+            cx.err(i, "ca.nodeAttestation", "only applies to ca.role: root");
+            None
+        }
+        (Some(n), CaRole::Root) => {
+            let listen = cx.socket_addr(
+                i,
+                "ca.nodeAttestation.listen",
+                n.listen.as_deref(),
+                defaults::NODE_ATTESTATION,
+            );
+            if n.manufacturer_cas.is_empty() {
+                cx.err(
+                    i,
+                    "ca.nodeAttestation.manufacturerCas",
+                    "must name at least one PEM file (the TPM manufacturers' CAs; without one no node can attest)",
+                );
+            }
+            let manufacturer_cas = n.manufacturer_cas.iter().map(|p| cx.resolve(p)).collect();
+            let node_ca_ttl = cx.duration(
+                i,
+                "ca.nodeAttestation.nodeCaTtl",
+                n.node_ca_ttl.as_deref(),
+                ca_ttl,
+            );
+            Some(NodeAttestation {
+                listen,
+                manufacturer_cas,
+                node_ca_ttl,
+            })
+        }
+        (None, _) => None,
+    };
     if role == CaRole::Node && backend != CaBackend::Tpm {
         cx.err(
             i,
@@ -439,6 +496,8 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
         fallback,
         role,
         upstream,
+        upstream_bundle,
+        node_attestation,
         issuance,
         state_dir: cx.resolve(
             c.state_dir
@@ -446,7 +505,7 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
                 .unwrap_or(Path::new(defaults::STATE_DIR)),
         ),
         tpm_tcti,
-        ca_ttl: cx.duration(i, "ca.caTtl", c.ca_ttl.as_deref(), defaults::CA_TTL),
+        ca_ttl,
         svid_ttl: cx.duration(i, "ca.svidTtl", c.svid_ttl.as_deref(), defaults::SVID_TTL),
         jwt_svid_ttl: cx.duration(
             i,
