@@ -56,6 +56,38 @@ impl AuthorityConfig {
     }
 }
 
+/// Where this CA sits in its trust domain's hierarchy.
+#[derive(Debug, Clone, Default)]
+pub enum Hierarchy {
+    /// Its own root, signing only its own intermediates (the default).
+    #[default]
+    Standalone,
+    /// The trust domain's root: also certifies node CAs ([`Authority::sign_node_ca`]), so
+    /// its roots allow two CA levels below them (node CA, issuing CA).
+    Root,
+    /// A node: no root of its own; each intermediate (node CA) is certified by `upstream`
+    /// and the bundle is the upstream's roots.
+    Node(Arc<dyn Upstream>),
+}
+
+/// Whoever certifies a node's intermediates: for ferry, the trust domain's root reached by
+/// TPM node attestation ([`crate::node_attest::client`]). Blocking: called from rotation,
+/// which runs on the blocking pool.
+pub trait Upstream: Send + Sync + std::fmt::Debug {
+    /// Certifies `key` (named `key_name` in the CA's key store) as a node CA living at most
+    /// `ttl`, and returns that certificate with the trust domain's current roots.
+    fn certify(&self, key_name: &str, key: &Arc<dyn Signer>, ttl: Duration) -> Result<UpstreamCa>;
+}
+
+/// What an [`Upstream`] returns.
+#[derive(Debug, Clone)]
+pub struct UpstreamCa {
+    /// The node CA certificate for the key that was certified.
+    pub node_ca: CaCert,
+    /// The trust domain's roots (the node's X.509 bundle).
+    pub roots: Vec<CaCert>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Status {
@@ -145,6 +177,8 @@ struct State {
     roots: Vec<Gen<Arc<CaSigner>>>,
     intermediates: Vec<Gen<Arc<CaSigner>>>,
     jwt: Vec<Gen<JwtKey>>,
+    /// With [`Hierarchy::Node`]: the roots the upstream returned with the node CA.
+    upstream_roots: Vec<CaCert>,
 }
 
 /// The trust domain's certificate authority. Cheap to share (`Arc`). Issuance takes the
@@ -161,6 +195,7 @@ pub struct Authority {
     changes: watch::Sender<u64>,
     /// With [`IssuanceMode::IssuingCa`]: the in-memory issuing CA below the intermediate.
     issuing: Option<IssuingLayer>,
+    hierarchy: Hierarchy,
 }
 
 /// Persisted form of the CA (no secrets: keys are in the key store).
@@ -172,6 +207,9 @@ struct Persisted {
     roots: Vec<PersistedCa>,
     intermediates: Vec<PersistedCa>,
     jwt_keys: Vec<PersistedJwt>,
+    /// A node's upstream roots (PEM); absent for a CA that is its own root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_roots: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -227,8 +265,26 @@ impl Authority {
         keys: Arc<dyn KeyStore>,
         mode: IssuanceMode,
     ) -> Result<Arc<Self>> {
+        Self::open_in(cfg, keys, mode, Hierarchy::Standalone)
+    }
+
+    /// [`open_with_mode`](Self::open_with_mode) at a given place in the trust domain's
+    /// hierarchy. A node ([`Hierarchy::Node`]) certifies its first intermediate through its
+    /// upstream here, so this fails when the upstream refuses or cannot be reached.
+    pub fn open_in(
+        cfg: AuthorityConfig,
+        keys: Arc<dyn KeyStore>,
+        mode: IssuanceMode,
+        hierarchy: Hierarchy,
+    ) -> Result<Arc<Self>> {
         let state = Self::load(&cfg, keys.as_ref())?;
-        let created = state.roots.is_empty();
+        if matches!(hierarchy, Hierarchy::Node(_)) && !state.roots.is_empty() {
+            return Err(Error::CorruptState {
+                path: cfg.state_dir.join(STATE_FILE),
+                reason: "it holds a root CA of its own, but ca.role: node takes its roots from the upstream (use a fresh ca.stateDir for a node)".into(),
+            });
+        }
+        let created = state.roots.is_empty() && state.intermediates.is_empty();
         let auth = Arc::new(Self {
             cfg,
             keys,
@@ -236,9 +292,12 @@ impl Authority {
             rotating: Mutex::new(()),
             changes: watch::channel(0).0,
             issuing: IssuingLayer::for_mode(mode),
+            hierarchy,
         });
         auth.rotate(SystemTime::now())?;
-        if created {
+        if created && matches!(auth.hierarchy, Hierarchy::Node(_)) {
+            tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "node CA certified by the upstream after TPM attestation");
+        } else if created {
             tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "created a new trust domain root CA");
         } else {
             tracing::info!(trust_domain = %auth.cfg.trust_domain, dir = %auth.cfg.state_dir.display(), "loaded CA state");
@@ -344,10 +403,16 @@ impl Authority {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let upstream_roots = p
+            .upstream_roots
+            .iter()
+            .map(|pem| CaCert::from_pem(pem))
+            .collect::<Result<Vec<_>>>()?;
         Ok(State {
             roots: ca("root", p.roots)?,
             intermediates: ca("intermediate", p.intermediates)?,
             jwt,
+            upstream_roots,
         })
     }
 
@@ -377,6 +442,7 @@ impl Authority {
                     not_after: unix(g.not_after),
                 })
                 .collect(),
+            upstream_roots: st.upstream_roots.iter().map(CaCert::pem).collect(),
         };
         let json = serde_json::to_vec_pretty(&p).map_err(|e| Error::CorruptState {
             path: self.state_path(),
@@ -443,6 +509,7 @@ impl Authority {
             roots,
             intermediates,
             jwt,
+            upstream_roots,
         } = st;
         let mut generate = |prefix: &str| -> Result<(String, Arc<dyn Signer>)> {
             let key = key_name(prefix);
@@ -451,35 +518,59 @@ impl Authority {
             Ok((key, signer))
         };
 
-        // An issuing CA below the intermediate adds one CA level to every chain.
+        // An issuing CA below the intermediate adds one CA level to every chain; a trust
+        // domain root also allows node CAs with their issuing CAs below it.
         let extra = u8::from(self.issuing.is_some());
-        let root_ttl = self.cfg.root_ttl;
-        let (c1, r1) = step(roots, now, |status| {
-            let (key, signer) = generate("root")?;
-            let cert = x509::build_ca(CaKind::Root, 1 + extra, td, &signer, None, now, root_ttl)?;
-            tracing::info!(serial = %cert.serial, sha256 = %cert.sha256_fingerprint(), ?status, "new root CA (published in the bundle before it signs)");
-            new_ca_gen(key, status, cert, signer)
-        })?;
-        let active_root = roots
-            .iter()
-            .find(|g| g.status == Status::Active)
-            .map(|g| g.v.clone())
-            .ok_or(Error::NoAuthority { what: "root" })?;
+        let root_len = match self.hierarchy {
+            Hierarchy::Root => (1 + extra).max(2),
+            _ => 1 + extra,
+        };
         let ca_ttl = self.cfg.ca_ttl;
-        let (c2, r2) = step(intermediates, now, |status| {
-            let (key, signer) = generate("int")?;
-            let cert = x509::build_ca(
-                CaKind::Intermediate,
-                extra,
-                td,
-                &signer,
-                Some(&active_root),
-                now,
-                ca_ttl,
-            )?;
-            tracing::info!(serial = %cert.serial, ?status, "new intermediate CA");
-            new_ca_gen(key, status, cert, signer)
-        })?;
+        let (c1, r1, c2, r2) = if let Hierarchy::Node(upstream) = &self.hierarchy {
+            let (c2, r2) = step(intermediates, now, |status| {
+                let (key, signer) = generate("int")?;
+                let got = upstream.certify(&key, &signer, ca_ttl)?;
+                if got.node_ca.public_key_raw()? != signer.public_key_raw() {
+                    return Err(Error::BadCertificate {
+                        what: format!("node CA {}", got.node_ca.serial),
+                        reason: "the upstream certified another key than ours".into(),
+                    });
+                }
+                tracing::info!(serial = %got.node_ca.serial, ?status, roots = got.roots.len(), "new node CA certified by the upstream");
+                *upstream_roots = got.roots;
+                new_ca_gen(key, status, got.node_ca, signer)
+            })?;
+            (false, Vec::new(), c2, r2)
+        } else {
+            let root_ttl = self.cfg.root_ttl;
+            let (c1, r1) = step(roots, now, |status| {
+                let (key, signer) = generate("root")?;
+                let cert =
+                    x509::build_ca(CaKind::Root, root_len, td, &signer, None, now, root_ttl)?;
+                tracing::info!(serial = %cert.serial, sha256 = %cert.sha256_fingerprint(), ?status, "new root CA (published in the bundle before it signs)");
+                new_ca_gen(key, status, cert, signer)
+            })?;
+            let active_root = roots
+                .iter()
+                .find(|g| g.status == Status::Active)
+                .map(|g| g.v.clone())
+                .ok_or(Error::NoAuthority { what: "root" })?;
+            let (c2, r2) = step(intermediates, now, |status| {
+                let (key, signer) = generate("int")?;
+                let cert = x509::build_ca(
+                    CaKind::Intermediate,
+                    extra,
+                    td,
+                    &signer,
+                    Some(&active_root),
+                    now,
+                    ca_ttl,
+                )?;
+                tracing::info!(serial = %cert.serial, ?status, "new intermediate CA");
+                new_ca_gen(key, status, cert, signer)
+            })?;
+            (c1, r1, c2, r2)
+        };
         let (c3, r3) = step(jwt, now, |status| {
             let (key, signer) = generate("jwt")?;
             let kid = jwt::kid_for(signer.public_key_raw());
@@ -560,11 +651,48 @@ impl Authority {
     /// The X.509 bundle: every root that is published (prepared, active, retired but
     /// unexpired), oldest first, DER.
     pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
-        self.read()
+        let st = self.read();
+        if matches!(self.hierarchy, Hierarchy::Node(_)) {
+            return st.upstream_roots.iter().map(|c| c.der.clone()).collect();
+        }
+        st.roots.iter().map(|g| g.v.cert.der.clone()).collect()
+    }
+
+    /// Signs a node CA certificate for `public_key` (SEC1 P-256, a key in a node's TPM
+    /// that attestation verified) with the active root, valid for at most `ttl`, recording
+    /// `selectors` in its subject. Returns it with the current roots (the node's bundle).
+    /// Only a [`Hierarchy::Root`] CA does this: its roots leave room for a node CA and the
+    /// node's issuing CA. Blocking when the root key is in a TPM.
+    pub fn sign_node_ca(
+        &self,
+        public_key: &[u8],
+        selectors: &[String],
+        ttl: Duration,
+    ) -> Result<(CaCert, Vec<Vec<u8>>)> {
+        let root = self
+            .read()
             .roots
             .iter()
-            .map(|g| g.v.cert.der.clone())
-            .collect()
+            .find(|g| g.status == Status::Active)
+            .map(|g| g.v.clone())
+            .ok_or(Error::NoAuthority { what: "root" })?;
+        if !matches!(self.hierarchy, Hierarchy::Root)
+            || x509::path_len(&root.cert.der)?.is_some_and(|n| n < 2)
+        {
+            return Err(Error::BadCertificate {
+                what: format!("root {}", root.cert.serial),
+                reason: "it cannot certify node CAs: only a ca.role: root CA does, and its root must allow two CA levels below it (a root created before ca.role: root allows fewer; start from a fresh ca.stateDir)".into(),
+            });
+        }
+        let cert = x509::build_node_ca(
+            &self.cfg.trust_domain,
+            public_key,
+            selectors,
+            &root,
+            SystemTime::now(),
+            ttl,
+        )?;
+        Ok((cert, self.x509_authorities()))
     }
 
     /// The JWT bundle: every published JWT signing key.

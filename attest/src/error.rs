@@ -91,6 +91,9 @@ pub enum Error {
     /// The TPM behind `ca.backend: tpm` failed (the error names its TCTI).
     #[error(transparent)]
     Tpm(#[from] crate::tpm::TpmError),
+    /// Node attestation with the trust domain's root failed (`ca.role: node`).
+    #[error(transparent)]
+    Attestation(#[from] crate::node_attest::AttestError),
 }
 
 /// Why a path under `ca.stateDir` is not trusted. Each names one check of

@@ -8,6 +8,8 @@
 //! - [`jwt`]: ES256 JWT-SVIDs and JWKS bundles.
 //! - [`ca`]: the [`Authority`]: root + intermediate + JWT keys, SPIRE-style rotation,
 //!   persistence under `ca.stateDir`.
+//! - [`node_attest`]: TPM node attestation between the trust domain's root (verifier, no
+//!   TPM needed) and TPM-backed nodes, over gRPC and TLS.
 //! - `private_dir`: how every file under `ca.stateDir` is read and written so that another
 //!   local user can neither plant, redirect nor read it.
 
@@ -17,12 +19,13 @@ pub mod ca;
 pub mod error;
 pub mod issuing;
 pub mod jwt;
+pub mod node_attest;
 mod private_dir;
 pub mod signer;
 pub mod tpm;
 pub mod x509;
 
-pub use ca::{Authority, AuthorityConfig};
+pub use ca::{Authority, AuthorityConfig, Hierarchy, Upstream, UpstreamCa};
 pub use error::{Error, Insecure, JwtError, Result};
 pub use issuing::IssuanceMode;
 pub use jwt::{Claims, JwtBundle, JwtSvid};

@@ -237,6 +237,79 @@ pub(crate) fn build_ca(
     CaCert::from_der(cert.der().to_vec())
 }
 
+/// A public key without its private half: what the root certifies for a node whose CA key
+/// lives in that node's TPM.
+struct PublicOnly<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for PublicOnly<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Builds a node CA certificate: the ECDSA P-256 key `subject_public` (SEC1, held in the
+/// node's TPM) as a CA one level below `issuer` (a root), allowing one more CA below it
+/// (the node's in-memory issuing CA). The attestation `selectors` are recorded as
+/// organizational units of the subject, so an operator reading the certificate sees which
+/// TPM it was issued to.
+pub(crate) fn build_node_ca(
+    td: &TrustDomain,
+    subject_public: &[u8],
+    selectors: &[String],
+    issuer: &CaSigner,
+    now: SystemTime,
+    ttl: Duration,
+) -> Result<CaCert> {
+    let not_after = (now + ttl).min(issuer.cert.not_after);
+    let mut params = CertificateParams::default();
+    let serial = random_serial();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "ferry");
+    for s in selectors {
+        dn.push(DnType::OrganizationalUnitName, s.as_str());
+    }
+    let short: String = serial
+        .to_bytes()
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("ferry node CA {td} {short}"));
+    params.distinguished_name = dn;
+    params.serial_number = Some(serial);
+    params.not_before = to_time(now - BACKDATE);
+    params.not_after = to_time(not_after);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+    ];
+    params.subject_alt_names = vec![uri_san(&td.id_string())?];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&PublicOnly(subject_public), &issuer.issuer)
+        .map_err(|source| Error::Build {
+            what: "node CA",
+            source,
+        })?;
+    CaCert::from_der(cert.der().to_vec())
+}
+
+/// The BasicConstraints pathLenConstraint of a CA certificate (`None`: unlimited).
+pub(crate) fn path_len(der: &[u8]) -> Result<Option<u32>> {
+    let cert = parse(der, "CA")?;
+    Ok(cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .and_then(|b| b.value.path_len_constraint))
+}
+
 /// Issues an X.509-SVID for `id` with a fresh P-256 key, signed by `issuer`, whose own
 /// chain up to the root (excluded) is `issuer_chain` (the issuer's certificate first).
 pub(crate) fn build_svid(

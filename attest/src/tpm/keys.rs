@@ -97,6 +97,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A CA key inside a TPM. Signing runs TPM2_Sign on the TPM thread (loading the key
 /// under the storage primary first when it is not the cached one); the caller blocks.
+/// Clones share the key (cheap).
+#[derive(Clone)]
 pub struct TpmSigner {
     tpm: Arc<Tpm>,
     key: Arc<LoadableKey>,
@@ -300,9 +302,21 @@ impl TpmKeyStore {
 
     /// Creates a key in the TPM and returns its signer without persisting it.
     pub fn create(&self, name: &str) -> Result<TpmSigner> {
-        let (public, private) = self.tpm.call(|st| {
+        let template = ca_key_template().map_err(|e| TpmError::Command {
+            tcti: self.tpm.tcti().to_owned(),
+            op: "build the CA key template",
+            reason: e.to_string(),
+            hint: None,
+        })?;
+        self.create_from_template(name, template)
+    }
+
+    /// Creates an ECC P-256 key from `template` rather than [`ca_key_template`], without
+    /// persisting it. The CA never does this; it exists so that attestation can be shown
+    /// to refuse keys with other attributes (e.g. without `fixedTPM`), with a real TPM.
+    pub fn create_from_template(&self, name: &str, template: Public) -> Result<TpmSigner> {
+        let (public, private) = self.tpm.call(move |st| {
             let parent = st.primary()?;
-            let template = ca_key_template().map_err(st.err("build the CA key template"))?;
             let out = st
                 .ctx
                 .execute_with_nullauth_session(|c| {

@@ -8,8 +8,10 @@
 //! Keys are children of the owner hierarchy's storage primary (the TCG "SRK" template, ECC
 //! P-256, recreated deterministically from the owner seed), so their wrapped blobs stay
 //! loadable across restarts of the agent and of the TPM. [`keys`] stores those blobs;
-//! [`info`] reports what `ferry attest info` prints.
+//! [`info`] reports what `ferry attest info` prints; [`attestation`] is the node's side of
+//! node attestation (EK, attestation key, credential activation, Certify).
 
+pub mod attestation;
 pub mod info;
 pub mod keys;
 
