@@ -253,9 +253,9 @@ impl rcgen::PublicKeyData for PublicOnly<'_> {
 
 /// Builds a node CA certificate: the ECDSA P-256 key `subject_public` (SEC1, held in the
 /// node's TPM) as a CA one level below `issuer` (a root), allowing one more CA below it
-/// (the node's in-memory issuing CA). The attestation `selectors` are recorded as
-/// organizational units of the subject, so an operator reading the certificate sees which
-/// TPM it was issued to.
+/// (the node's in-memory issuing CA). The first attestation selector (the EK hash) is the
+/// subject's organizational unit, so an operator reading the certificate sees which TPM
+/// it was issued to.
 pub(crate) fn build_node_ca(
     td: &TrustDomain,
     subject_public: &[u8],
@@ -269,7 +269,8 @@ pub(crate) fn build_node_ca(
     let serial = random_serial();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ferry");
-    for s in selectors {
+    // A DN holds one value per attribute type here: the first selector (the EK hash).
+    if let Some(s) = selectors.first() {
         dn.push(DnType::OrganizationalUnitName, s.as_str());
     }
     let short: String = serial

@@ -41,9 +41,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     // The CA in ca.stateDir (key generation and file I/O on the blocking pool).
     let agent = config.borrow().agent.clone();
-    let authority = tokio::task::spawn_blocking(move || crate::ca::open(&agent))
-        .await
-        .context("CA task panicked")??;
+    let authority = {
+        let agent = agent.clone();
+        tokio::task::spawn_blocking(move || crate::ca::open(&agent))
+            .await
+            .context("CA task panicked")??
+    };
+    // ca.role: root also verifies TPM nodes and certifies their node CAs.
+    if let Some(server) =
+        crate::ca::node_attestation_server(&agent, &authority, shutdown.clone()).await?
+    {
+        tasks.spawn(server);
+    }
     ready.up(CA);
 
     // xDS: the registry, translated into Envoy resources, served over ADS (Cofide's :18001).
