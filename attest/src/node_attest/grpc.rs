@@ -124,6 +124,16 @@ fn peer<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The gRPC status of a refusal: malformed input is the caller's bug, a full verifier is
+/// worth a retry, everything else is a verdict.
+fn status(e: &super::Rejection) -> Status {
+    match e {
+        super::Rejection::Malformed { .. } => Status::invalid_argument(e.to_string()),
+        super::Rejection::Busy(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::permission_denied(e.to_string()),
+    }
+}
+
 fn panicked(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("node attestation task failed: {e}"))
 }
@@ -141,7 +151,7 @@ impl NodeAttestation for NodeAttestationService {
         let challenge = tokio::task::spawn_blocking(move || v.begin(&peer, &evidence))
             .await
             .map_err(panicked)?
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+            .map_err(|e| status(&e))?;
         Ok(Response::new(challenge.into()))
     }
 
@@ -158,9 +168,7 @@ impl NodeAttestation for NodeAttestationService {
         );
         // Signing blocks when the root key is in a TPM.
         let res = tokio::task::spawn_blocking(move || {
-            let attested = v
-                .complete(&peer, &answer)
-                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            let attested = v.complete(&peer, &answer).map_err(|e| status(&e))?;
             let ttl = attested.ttl.min(max).max(Duration::from_secs(60));
             match ca.sign_node_ca(&attested.ca_key, &attested.selectors, ttl) {
                 Ok((cert, roots)) => {

@@ -119,6 +119,9 @@ pub enum Rejection {
         "credential activation failed: the answer is not the credential made for this EK and AK (the AK is not in the TPM that holds the EK)"
     )]
     ActivationMismatch,
+    /// Too many challenges are waiting for answers; the node retries later.
+    #[error("{0} attestations are already waiting for answers; retry later")]
+    Busy(usize),
     /// The Certify attestation is not valid for this challenge.
     #[error("Certify attestation rejected: {0}")]
     BadCertify(String),

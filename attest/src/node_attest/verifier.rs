@@ -18,6 +18,9 @@ use super::{Answer, Challenge, Evidence, Rejection};
 
 /// How long a node has to answer a challenge.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// At most this many challenges wait for answers: a client holding a valid EK
+/// certificate cannot grow the verifier's memory without bound.
+pub const MAX_PENDING: usize = 4096;
 /// How long answered sessions are remembered to name replays as such (later, a replay is
 /// still refused, as an unknown session).
 const ANSWERED_MEMORY: Duration = Duration::from_secs(600);
@@ -131,6 +134,9 @@ impl Verifier {
         let session = hex(&rand::random::<[u8; 16]>());
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         pending.retain(|_, p| p.created.elapsed() < CHALLENGE_TTL);
+        if pending.len() >= MAX_PENDING {
+            return Err(Rejection::Busy(MAX_PENDING));
+        }
         pending.insert(
             session.clone(),
             Pending {

@@ -625,6 +625,13 @@ fn node_attestation_fields() {
         "required with ca.role: node",
     );
     one_error(
+        &format!(
+            "{AGENT}ca:\n  backend: tpm\n  fallback: software\n  role: node\n  upstream: https://root:1\n  upstreamBundle: b.pem\n"
+        ),
+        "ca.fallback",
+        "does not apply to ca.role: node",
+    );
+    one_error(
         &format!("{AGENT}ca:\n  upstreamBundle: b.pem\n"),
         "ca.upstreamBundle",
         "only applies to ca.role: node",
@@ -641,11 +648,11 @@ fn tpm_ca_fields() {
     assert_eq!(c.agent.ca.issuance, CaIssuance::IssuingCa);
     assert_eq!(c.agent.ca.upstream, None);
     let c = parse_str(&format!(
-        "{AGENT}ca:\n  backend: tpm\n  fallback: software\n  role: node\n  upstream: https://root:8443\n  upstreamBundle: /etc/ferry/root.pem\n  issuance: direct\n"
+        "{AGENT}ca:\n  backend: tpm\n  role: node\n  upstream: https://root:8443\n  upstreamBundle: /etc/ferry/root.pem\n  issuance: direct\n"
     ))
     .unwrap()
     .config;
-    assert_eq!(c.agent.ca.fallback, CaFallback::Software);
+    assert_eq!(c.agent.ca.fallback, CaFallback::None);
     assert_eq!(c.agent.ca.role, CaRole::Node);
     assert_eq!(c.agent.ca.issuance, CaIssuance::Direct);
     assert_eq!(c.agent.ca.upstream.as_deref(), Some("https://root:8443"));

@@ -385,6 +385,13 @@ fn agent_config(cx: &mut Ctx, i: usize, raw: &RawAgentConfig) -> Option<AgentCon
     if fallback == CaFallback::Software && backend != CaBackend::Tpm {
         cx.err(i, "ca.fallback", "only applies to ca.backend: tpm");
     }
+    if fallback == CaFallback::Software && c.role.as_deref() == Some("node") {
+        cx.err(
+            i,
+            "ca.fallback",
+            "software does not apply to ca.role: node (the root certifies only TPM-held node CAs)",
+        );
+    }
     let role = match c.role.as_deref() {
         None | Some("standalone") => CaRole::Standalone,
         Some("root") => CaRole::Root,
