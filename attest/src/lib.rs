@@ -17,6 +17,7 @@
 
 pub mod ca;
 pub mod error;
+pub mod hierarchy;
 pub mod issuing;
 pub mod jwt;
 pub mod node_attest;

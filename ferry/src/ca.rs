@@ -224,6 +224,20 @@ mod tests {
     }
 
     #[test]
+    fn a_node_without_its_tpm_is_refused_naming_why() {
+        let cfg = agent(
+            "  backend: tpm\n  role: node\n  upstream: https://127.0.0.1:1\n  upstreamBundle: /nonexistent.pem\n  tpm:\n    tcti: swtpm:host=127.0.0.1,port=1\n",
+        );
+        let err = format!("{:#}", open(&cfg).unwrap_err());
+        assert!(
+            err.contains("ca.role: node needs a reachable TPM")
+                && err.contains("swtpm:host=127.0.0.1,port=1")
+                && err.contains("https://127.0.0.1:1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn software_fallback_is_explicit() {
         let cfg = agent(
             "  backend: tpm\n  fallback: software\n  tpm:\n    tcti: swtpm:host=127.0.0.1,port=1\n",

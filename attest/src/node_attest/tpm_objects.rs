@@ -240,3 +240,80 @@ pub fn verify_certify(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tss_esapi::attributes::ObjectAttributesBuilder;
+    use tss_esapi::structures::{EccPoint, HashScheme, PublicBuilder, PublicEccParametersBuilder};
+
+    use super::*;
+    use crate::tpm::attestation::ak_template;
+    use crate::tpm::keys::ca_key_template;
+
+    fn bytes(p: &Public) -> Vec<u8> {
+        p.marshall().unwrap()
+    }
+
+    fn ecc_key(fixed_tpm: bool, decrypt: bool) -> Public {
+        let attrs = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(fixed_tpm)
+            .with_fixed_parent(fixed_tpm)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_sign_encrypt(true)
+            .with_decrypt(decrypt)
+            .build()
+            .unwrap();
+        PublicBuilder::new()
+            .with_public_algorithm(tss_esapi::interface_types::algorithm::PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attrs)
+            .with_ecc_parameters(
+                PublicEccParametersBuilder::new()
+                    .with_symmetric(SymmetricDefinitionObject::Null)
+                    .with_key_derivation_function_scheme(
+                        tss_esapi::structures::KeyDerivationFunctionScheme::Null,
+                    )
+                    .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+                    .with_curve(EccCurve::NistP256)
+                    .with_is_signing_key(true)
+                    .with_is_decryption_key(decrypt)
+                    .with_restricted(false)
+                    .build()
+                    .unwrap(),
+            )
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn names_hash_the_exact_bytes_and_trailing_bytes_are_refused() {
+        let b = bytes(&ca_key_template().unwrap());
+        let p = ObjectPublic::parse(&b, "k").unwrap();
+        assert_eq!(p.name[..2], [0x00, 0x0b]);
+        assert_eq!(p.name[2..], Sha256::digest(&b)[..]);
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(matches!(
+            ObjectPublic::parse(&longer, "k"),
+            Err(Rejection::Malformed { .. })
+        ));
+        assert!(ObjectPublic::parse(&b[..b.len() - 1], "k").is_err());
+    }
+
+    #[test]
+    fn ca_keys_must_be_tpm_bound_sign_only_p256() {
+        let ok = ObjectPublic::parse(&bytes(&ca_key_template().unwrap()), "k").unwrap();
+        assert!(check_ca_key(&ok).is_ok());
+        let movable = ObjectPublic::parse(&bytes(&ecc_key(false, false)), "k").unwrap();
+        assert!(
+            matches!(check_ca_key(&movable), Err(Rejection::BadCaKey(r)) if r.contains("lacks fixedTPM"))
+        );
+        // The AK template is restricted: fine as an AK, and an AK must be restricted.
+        let ak = ObjectPublic::parse(&bytes(&ak_template().unwrap()), "ak").unwrap();
+        assert!(matches!(check_ak(&ok), Err(Rejection::BadAk(r)) if r.contains("restricted")));
+        // (its all-zero placeholder point is not on the curve: only a TPM fills it in)
+        assert!(matches!(check_ak(&ak), Err(Rejection::BadAk(_))));
+    }
+}
