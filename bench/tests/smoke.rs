@@ -3,7 +3,7 @@
 //! variant, and the JSON report has the shape tools read. Never asserts a speed.
 //!
 //! Needs a ferry binary (`$FERRY_BIN`, else `target/release/ferry`, else
-//! `target/debug/ferry`) and stock Envoy; either missing fails under `CI=true`.
+//! `target/debug/ferry`, else the one built beside `ferry-bench`) and stock Envoy; either missing fails under `CI=true`.
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -12,10 +12,14 @@ use std::path::PathBuf;
 
 fn ferry_binary() -> Option<PathBuf> {
     let root = testkit::workspace_root();
+    // `cargo test --workspace` builds `ferry` beside `ferry-bench`, wherever the target
+    // dir is (CARGO_TARGET_DIR may put it outside the workspace).
+    let sibling = std::path::Path::new(env!("CARGO_BIN_EXE_ferry-bench")).with_file_name("ferry");
     let found = std::env::var_os("FERRY_BIN")
         .map(PathBuf::from)
         .into_iter()
         .chain(["target/release/ferry", "target/debug/ferry"].map(|p| root.join(p)))
+        .chain([sibling])
         .find(|p| p.is_file());
     testkit::require(
         "a ferry binary (cargo build -p ferry, or $FERRY_BIN)",
