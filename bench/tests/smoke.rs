@@ -3,7 +3,8 @@
 //! variant, and the JSON report has the shape tools read. Never asserts a speed.
 //!
 //! Needs a ferry binary (`$FERRY_BIN`, else `target/release/ferry`, else
-//! `target/debug/ferry`, else the one built beside `ferry-bench`) and stock Envoy; either missing fails under `CI=true`.
+//! `target/debug/ferry`, else the one built beside `ferry-bench`) and stock Envoy; either
+//! missing fails under `CI=true`.
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
