@@ -5,14 +5,15 @@
 //! Wire protocol, one byte from the client first: `S` = sink (read to EOF, then answer the
 //! byte count as a big-endian `u64` and close), `E` = echo (write back whatever arrives).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// First byte: sink mode.
 const SINK: u8 = b'S';
@@ -297,4 +298,69 @@ pub async fn connections(
         all.add(h)?;
     }
     Ok((total, start.elapsed(), all))
+}
+
+/// How long one held connection may take to connect and echo its byte.
+const HOLD_STEP: Duration = Duration::from_secs(10);
+
+/// Opens `n` connections to `addr` from `source` (an address in 127/8, so separate runs
+/// do not share one ephemeral port range), at most `in_flight` opening at once, each fully
+/// established end to end (echo mode, one byte sent and echoed back, so the proxy's
+/// upstream leg and its handshake are done), and returns them open and idle. Dropping
+/// them closes them all.
+pub async fn hold(
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    n: usize,
+    in_flight: usize,
+) -> anyhow::Result<Vec<TcpStream>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..in_flight.clamp(1, n.max(1)) {
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let s = tokio::time::timeout(HOLD_STEP, hold_one(addr, source))
+                    .await
+                    .context("connect + echo timed out")??;
+                mine.push(s);
+            }
+            anyhow::Ok(mine)
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    let mut failed = None;
+    for w in workers {
+        match w.await? {
+            Ok(mine) => all.extend(mine),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        bail!(
+            "held {} of {n} connections to {addr} from {source}, then: {e:#}",
+            all.len()
+        );
+    }
+    Ok(all)
+}
+
+/// One held connection: bound to `source`, connected, one byte echoed.
+async fn hold_one(addr: SocketAddr, source: Ipv4Addr) -> anyhow::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind((source, 0).into())
+        .with_context(|| format!("bind {source}"))?;
+    let mut s = sock
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr} from {source}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(&[ECHO, b'h']).await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .await
+        .context("no echo (the proxy closed the connection?)")?;
+    anyhow::ensure!(b == [b'h'], "echo answered {b:?}");
+    Ok(s)
 }

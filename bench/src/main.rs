@@ -2,11 +2,21 @@
 //! run, starting every process itself on loopback, and prints the figures as Markdown
 //! tables (the README quotes them) and JSON (`bench/results/<scenario>.json`).
 //!
+//! `ferry bench SCENARIO [ARGS...]` runs it through the `ferry` binary (it execs the
+//! `ferry-bench` next to it, or `$FERRY_BENCH`, with `FERRY_BIN` set to itself, so the
+//! figures are of that very build):
+//!
 //! ```sh
 //! cargo build --release -p ferry -p bench
-//! ./target/release/ferry-bench throughput
-//! ./target/release/ferry-bench dns
+//! ./target/release/ferry bench throughput
+//! ./target/release/ferry bench memory --connections 1000,10000
+//! ./target/release/ferry bench all
+//! ./target/release/ferry bench dns
+//! ./target/release/ferry bench --help
 //! ```
+//!
+//! `./target/release/ferry-bench ...` is the same harness run directly (it measures
+//! `$FERRY_BIN`, else `target/release/ferry`).
 
 mod dns;
 mod dnsperf;
@@ -18,7 +28,7 @@ mod scenarios;
 
 use clap::{Parser, Subcommand};
 
-use crate::scenarios::{Common, ConnectionsArgs, LatencyArgs, ThroughputArgs};
+use crate::scenarios::{Common, ConnectionsArgs, LatencyArgs, MemoryArgs, ThroughputArgs};
 
 /// Name prefix of the load generator's threads (their CPU is reported).
 pub const GEN_THREADS: &str = "bench-gen";
@@ -41,7 +51,9 @@ enum What {
     Latency(LatencyArgs),
     /// New connections per second, a full mTLS handshake at the proxy each (IstioMtls).
     Connections(ConnectionsArgs),
-    /// throughput, latency and connections with their defaults on one topology.
+    /// Proxy RSS idle and with 1,000 and 10,000 idle connections held open through it.
+    Memory(MemoryArgs),
+    /// throughput, latency, connections and memory with their defaults on one topology.
     All(Common),
     /// dnsperf against `ferry dns` and Envoy's dns_filter: federated and forwarded names.
     Dns(dns::Args),
@@ -55,7 +67,34 @@ fn runtime(name: &'static str, threads: usize) -> std::io::Result<tokio::runtime
         .build()
 }
 
+/// What `RLIMIT_NOFILE` is raised to (soft and hard) when permitted: 10,000 held
+/// connections take ~20k descriptors in the harness and as many in each proxy.
+const NOFILE: u64 = 262_144;
+
+/// Raises this process's `RLIMIT_NOFILE`, which every process it starts inherits: soft and
+/// hard to [`NOFILE`] (capped by `/proc/sys/fs/nr_open`) when permitted (root), else the
+/// soft limit to the hard one. A scenario that cannot fit in the result says so.
+fn raise_nofile() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE);
+    let want = NOFILE.min(nr_open);
+    let (soft, mut hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        hard = want;
+    }
+    let soft = soft.max(want.min(hard));
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
+    Ok((soft, hard))
+}
+
 fn main() -> anyhow::Result<()> {
+    // Before any process is spawned: they inherit it.
+    if let Err(e) = raise_nofile() {
+        eprintln!("ferry-bench: cannot raise RLIMIT_NOFILE: {e}");
+    }
     let cli = Cli::parse();
     let generator = runtime(GEN_THREADS, 2)?;
     if let What::Dns(a) = cli.what {
@@ -66,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         What::Throughput(a) => &a.common,
         What::Latency(a) => &a.common,
         What::Connections(a) => &a.common,
+        What::Memory(a) => &a.common,
         What::All(c) => c,
         What::Dns(_) => unreachable!("handled above"),
     };
@@ -88,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             What::Throughput(a) => vec![scenarios::throughput(&m, &a).await?],
             What::Latency(a) => vec![scenarios::latency(&m, &a).await?],
             What::Connections(a) => vec![scenarios::connections(&m, &a).await?],
+            What::Memory(a) => vec![scenarios::memory(&m, &a).await?],
             What::All(c) => {
                 let json = c.json.clone();
                 let c = Common { json: None, ..c };
@@ -102,13 +143,19 @@ fn main() -> anyhow::Result<()> {
                     rates: vec![0.0, 1000.0],
                 };
                 let k = ConnectionsArgs {
-                    common: c,
+                    common: c.clone(),
                     connections: 8,
+                };
+                let mem = MemoryArgs {
+                    common: c,
+                    connections: vec![1000, 10_000],
+                    in_flight: 64,
                 };
                 let r = vec![
                     scenarios::throughput(&m, &t).await?,
                     scenarios::latency(&m, &l).await?,
                     scenarios::connections(&m, &k).await?,
+                    scenarios::memory(&m, &mem).await?,
                 ];
                 if let Some(path) = json {
                     let all: Vec<_> = r.iter().map(report::Report::json).collect();

@@ -1,13 +1,17 @@
-//! The data-path scenarios (`throughput`, `latency`, `connections`): each case runs through
-//! direct, ferry and Envoy in turn, the order rotating every round so machine drift hits
-//! all three alike; CPU of the proxy and of the harness is read from /proc around each run.
+//! The data-path scenarios (`throughput`, `latency`, `connections`, `memory`): each case
+//! runs through direct, ferry and Envoy in turn, the order rotating every round so machine
+//! drift hits all three alike; CPU of the proxy and of the harness is read from /proc around
+//! each run, and the proxy's resident memory for `memory`.
 
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
 
 use crate::mesh::{Mesh, Mode, Variant};
-use crate::procs::{cpu_seconds, own_threads_cpu};
+use crate::procs::{cpu_seconds, own_threads_cpu, rss_kib};
 use crate::report::Report;
 use crate::{GEN_THREADS, SRV_THREADS, load};
 
@@ -70,6 +74,19 @@ pub struct ConnectionsArgs {
     /// Parallel connect loops.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
+}
+
+/// `memory` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MemoryArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Idle connections held open through the proxy, per case (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub connections: Vec<usize>,
+    /// Connections being opened at once while building up a case.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
 }
 
 /// The variants in the order of `round` (rotated, so none always goes first).
@@ -297,6 +314,151 @@ pub async fn connections(mesh: &Mesh, args: &ConnectionsArgs) -> anyhow::Result<
             }
             for (v, p50) in added {
                 r.record(&case, "handshake_added_p50_us", false, v, p50 - direct_p50);
+            }
+        }
+    }
+    eprintln!();
+    Ok(r)
+}
+
+/// File descriptors a process needs besides the held connections' (listeners, logs, xDS,
+/// the Workload API, the runtime's own).
+const FD_SLACK: u64 = 1024;
+
+/// How long the connections stay open and idle before RSS is read.
+const HOLD_SETTLE: Duration = Duration::from_secs(1);
+
+/// The soft `RLIMIT_NOFILE` of `pid`, from /proc (`Max open files`).
+fn nofile_limit(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Open file descriptors of `pid` (its sockets, mostly).
+fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Fails, naming the limit, unless the harness (client and server end of each connection)
+/// and the proxy `pid` (downstream and upstream socket each) can both hold `n` connections.
+fn check_fds(n: usize, v: Variant, pid: u32) -> anyhow::Result<()> {
+    let need = 2 * n as u64 + FD_SLACK;
+    for (who, p) in [
+        ("ferry-bench".to_owned(), std::process::id()),
+        (format!("the {} proxy (pid {pid})", v.name()), pid),
+    ] {
+        let limit = nofile_limit(p).with_context(|| format!("RLIMIT_NOFILE of {who}"))?;
+        anyhow::ensure!(
+            limit >= need,
+            "holding {n} connections needs about {need} file descriptors in {who}, but its \
+             RLIMIT_NOFILE is {limit}: raise the hard limit (`ulimit -Hn`, or run as root, \
+             which ferry-bench raises to 262144) or pass smaller --connections"
+        );
+    }
+    Ok(())
+}
+
+/// After the held connections closed: waits until the proxy's open descriptors stop
+/// falling (at least a second, at most ten), so its next case starts from rest.
+async fn settle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut last = open_fds(pid);
+    let mut steady = 0;
+    while steady < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = open_fds(pid);
+        steady = if now >= last { steady + 1 } else { 0 };
+        last = now;
+    }
+}
+
+/// A fresh source address in 127.10/16 for each batch of held connections, so batches
+/// (variants, modes, rounds) never compete for one address's ephemeral ports or meet
+/// another's TIME_WAIT.
+fn source_address(batch: usize) -> Ipv4Addr {
+    let b = batch % (250 * 250);
+    Ipv4Addr::new(127, 10, (b / 250) as u8, (b % 250 + 1) as u8)
+}
+
+/// The proxy's resident memory in KiB, or an error naming it.
+fn rss(v: Variant, pid: u32) -> anyhow::Result<u64> {
+    rss_kib(pid).with_context(|| format!("no VmRSS for the {} proxy (pid {pid})", v.name()))
+}
+
+/// Resident memory of each proxy idle and with N idle connections held open through it
+/// (fully established end to end, the upstream mTLS handshake done for `IstioMtls`), and
+/// what each held connection costs over idle. Direct has no proxy and records nothing.
+///
+/// The proxies are not restarted between cases, and an allocator keeps some of what the
+/// closed connections freed: so the idle figure is taken once, before the first held
+/// connection, and the cases run from the smallest footprint up (N ascending, `Mtls`
+/// before `IstioMtls`), each reusing what the one before left behind rather than adding
+/// to it. `rss_after_close_mib` shows what stayed resident once a case's connections
+/// closed; rounds after the first measure proxies that have held the largest case.
+pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
+    let mut r = Report::new("memory");
+    let mut sizes = args.connections.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut idle: [Option<u64>; 3] = [None; 3];
+    let mut batch = 0;
+    for round in 0..args.common.rounds {
+        for v in order(round) {
+            let Some(pid) = mesh.pid(v) else {
+                continue;
+            };
+            let slot = v as usize;
+            let idle_kib = match idle[slot] {
+                Some(k) => k,
+                None => {
+                    progress(round, args.common.rounds, "idle", v);
+                    let k = rss(v, pid)?;
+                    r.record("idle", "rss_mib", false, v, k as f64 / 1024.0);
+                    idle[slot] = Some(k);
+                    k
+                }
+            };
+            for &n in sizes.iter().filter(|&&n| n > 0) {
+                for mode in [Mode::Mtls, Mode::IstioMtls] {
+                    let case = format!("{}-{n}conn", mode.name());
+                    progress(round, args.common.rounds, &case, v);
+                    check_fds(n, v, pid)?;
+                    batch += 1;
+                    let held = load::hold(
+                        mesh.target(v, mode),
+                        source_address(batch),
+                        n,
+                        args.in_flight,
+                    )
+                    .await
+                    .with_context(|| format!("{case} via {}", v.name()))?;
+                    tokio::time::sleep(HOLD_SETTLE).await;
+                    let kib = rss(v, pid)?;
+                    drop(held);
+                    r.record(&case, "rss_mib", false, v, kib as f64 / 1024.0);
+                    r.record(
+                        &case,
+                        "kib_per_idle_connection",
+                        false,
+                        v,
+                        (kib as f64 - idle_kib as f64) / n as f64,
+                    );
+                    settle(pid).await;
+                    r.record(
+                        &case,
+                        "rss_after_close_mib",
+                        false,
+                        v,
+                        rss(v, pid)? as f64 / 1024.0,
+                    );
+                }
             }
         }
     }

@@ -79,6 +79,27 @@ pub enum Command {
     /// Manage the trust domain's CA (`ferry ca init` creates it ahead of the first start).
     #[command(subcommand)]
     Ca(crate::attest_cmd::CaCommand),
+    /// Benchmark this ferry against stock Envoy on loopback: `ferry bench
+    /// throughput|latency|connections|memory|dns|all [OPTIONS]`.
+    ///
+    /// Runs the `ferry-bench` harness next to this binary (or `$FERRY_BENCH`) with
+    /// `FERRY_BIN` set to this binary; build both with `cargo build --release -p ferry -p
+    /// bench`. `ferry bench --help` lists the scenarios and their options.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Bench(BenchArgs),
+}
+
+/// `ferry bench ...`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The harness's scenario and its options, passed through as they are.
+    #[arg(
+        value_name = "SCENARIO [ARGS]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        num_args = 0..
+    )]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// `ferry config ...`

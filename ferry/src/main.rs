@@ -4,6 +4,7 @@
 mod admin;
 mod agent;
 mod attest_cmd;
+mod bench_cmd;
 mod ca;
 mod cli;
 mod config_cmd;
@@ -47,6 +48,7 @@ fn run(cmd: cli::Command) -> anyhow::Result<std::process::ExitCode> {
         }
         cli::Command::Attest(a) => attest_cmd::run_attest(a),
         cli::Command::Ca(c) => attest_cmd::run_ca(c),
+        cli::Command::Bench(b) => bench_cmd::run(&b.args),
         cli::Command::Agent(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(agent::run(a))?;

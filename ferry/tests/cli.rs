@@ -5,11 +5,18 @@
 use std::process::Command;
 
 fn ferry(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .current_dir(testkit::workspace_root())
-        .output()
-        .unwrap();
+    ferry_env(args, None)
+}
+
+/// `ferry ARGS` with `FERRY_BENCH` set to `bench`, or removed.
+fn ferry_env(args: &[&str], bench: Option<&std::path::Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(args).current_dir(testkit::workspace_root());
+    match bench {
+        Some(b) => cmd.env("FERRY_BENCH", b),
+        None => cmd.env_remove("FERRY_BENCH"),
+    };
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -110,4 +117,78 @@ fn help_and_version() {
     let (code, out, _) = ferry(&["--version"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("ferry "), "{out}");
+}
+
+#[test]
+fn bench_runs_the_harness_next_to_ferry_or_says_how_to_build_it() {
+    let harness = std::path::Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-bench");
+    let (code, out, err) = ferry_env(&["bench", "--help"], None);
+    if harness.is_file() {
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("Usage: ferry-bench"), "{out}");
+        for scenario in [
+            "throughput",
+            "latency",
+            "connections",
+            "memory",
+            "dns",
+            "all",
+        ] {
+            assert!(out.contains(scenario), "{out}");
+        }
+    } else {
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(
+            err.contains("the benchmark harness is not installed"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cargo build --release -p ferry -p bench"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn bench_with_a_missing_ferry_bench_is_a_clear_error() {
+    let (code, out, err) = ferry_env(
+        &["bench", "memory"],
+        Some(std::path::Path::new("/nonexistent/ferry-bench")),
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("FERRY_BENCH=/nonexistent/ferry-bench: no such file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cargo build --release -p ferry -p bench"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_passes_its_arguments_through_and_names_this_ferry() {
+    let dir = testkit::tempdir().unwrap();
+    let script = dir.path().join("fake-bench");
+    std::fs::write(&script, "#!/bin/sh\necho \"FERRY_BIN=$FERRY_BIN\" \"$@\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let args = ["bench", "memory", "--rounds", "1", "--help"];
+    // Another test's fork may briefly hold the new script open for writing (ETXTBSY).
+    let mut attempt = 0;
+    let (code, out, err) = loop {
+        let r = ferry_env(&args, Some(&script));
+        attempt += 1;
+        if r.0 == 0 || attempt == 5 || !r.2.contains("busy") {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "FERRY_BIN={} memory --rounds 1 --help",
+            env!("CARGO_BIN_EXE_ferry")
+        )
+    );
 }
