@@ -81,6 +81,44 @@ impl Netns {
         Ok(path)
     }
 
+    /// Runs `f` on a thread of its own that has joined the namespace (`setns`) and returns
+    /// what `f` returned. Sockets `f` creates belong to the namespace and stay there when
+    /// handed back, so in-process servers can listen inside it and in-process clients can
+    /// connect from it. Blocks the caller until `f` ends.
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        let ns =
+            std::fs::File::open(&path).map_err(Error::io(format!("open {}", path.display())))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| Error::Unexpected(format!("setns into {}: {e}", self.name)))?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| Error::Unexpected(format!("a thread inside {} panicked", self.name)))?
+        })
+    }
+
+    /// Connects `self` and `peer` with a veth pair (`veth0` here, `veth0` there too: names
+    /// are per namespace), addresses them with `here` and `there` (CIDR notation, one
+    /// subnet) and brings both ends up.
+    pub fn link(&self, peer: &Netns, here: &str, there: &str) -> Result<(), Error> {
+        self.exec_ok(
+            "ip",
+            &[
+                "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
+                &peer.name,
+            ],
+        )?;
+        peer.exec_ok("ip", &["link", "set", "veth1", "name", "veth0"])?;
+        for (ns, cidr) in [(self, here), (peer, there)] {
+            ns.exec_ok("ip", &["addr", "add", cidr, "dev", "veth0"])?;
+            ns.exec_ok("ip", &["link", "set", "veth0", "up"])?;
+        }
+        Ok(())
+    }
+
     fn etc_dir(&self) -> PathBuf {
         PathBuf::from("/etc/netns").join(&self.name)
     }

@@ -122,6 +122,12 @@ impl HttpServer {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(Error::io(format!("bind HTTP server on {addr}")))?;
+        Self::serve(name, l)
+    }
+
+    /// Serves as `name` on a listener bound elsewhere (e.g. inside a network namespace
+    /// with [`crate::netns::Netns::within`]).
+    pub fn serve(name: &str, l: tokio::net::TcpListener) -> Result<Self, Error> {
         let addr = l.local_addr().map_err(Error::io("HTTP server address"))?;
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
         let body = format!("pong from {name}");
@@ -223,6 +229,20 @@ impl MtlsServer {
         identity: Identity,
         roots: RootCertStore,
     ) -> Result<Self, Error> {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(Error::io(format!("bind mTLS server on {addr}")))?;
+        Self::serve(name, l, identity, roots)
+    }
+
+    /// Serves as `name` with `identity` and client roots `roots` on a listener bound
+    /// elsewhere (e.g. inside a network namespace with [`crate::netns::Netns::within`]).
+    pub fn serve(
+        name: &str,
+        l: tokio::net::TcpListener,
+        identity: Identity,
+        roots: RootCertStore,
+    ) -> Result<Self, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = provider
             .key_provider
@@ -245,9 +265,6 @@ impl MtlsServer {
             .with_cert_resolver(recorder.clone());
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(Error::io(format!("bind mTLS server on {addr}")))?;
         let addr = l.local_addr().map_err(Error::io("mTLS server address"))?;
         let seen: Arc<Mutex<Vec<MtlsSeen>>> = Arc::default();
         let body = format!("pong from {name}");
