@@ -468,7 +468,10 @@ async fn mtls_through_gateway(kind: GatewayKind) {
     .await;
     assert!(r.text.ends_with(&server.body()), "{}", r.text);
     assert_eq!(r.alpn.as_deref(), Some("http/1.1"));
-    let seen = server.seen().pop().expect("the server saw the connection");
+    let seen = server
+        .wait_seen(Duration::from_secs(10))
+        .await
+        .expect("the server saw the connection");
     assert_eq!(seen.sni.as_deref(), Some(HOST), "SNI at the server");
     assert_eq!(seen.alpn_offered, vec!["http/1.1"], "ALPN untouched");
     assert_eq!(seen.peer_uri_sans, vec![CLIENT_ID.to_owned()], "client ID");

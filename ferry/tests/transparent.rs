@@ -503,15 +503,10 @@ async fn transparent(profile: Profile) {
     })
     .await;
     assert!(r.text.ends_with(&mtls_app.body()), "{}", r.text);
-    // The server notes what it saw after it answered: wait for the note.
-    let seen = retry("the mTLS server's record", logs, || {
-        let seen = mtls_app
-            .seen()
-            .pop()
-            .ok_or_else(|| "nothing yet".to_owned());
-        async move { seen }
-    })
-    .await;
+    let seen = mtls_app
+        .wait_seen(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     assert_eq!(seen.sni.as_deref(), Some(MTLS_HOST));
     assert_eq!(seen.alpn_offered, vec!["http/1.1"], "ALPN untouched");
     assert_eq!(seen.peer_uri_sans, vec![MTLS_CLIENT_ID.to_owned()]);

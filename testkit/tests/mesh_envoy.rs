@@ -333,7 +333,10 @@ async fn passthrough_route_carries_the_clients_own_tls_to_the_mtls_server() {
         .unwrap_or_else(|e| panic!("{e}\ngateway log:\n{}", gateway.log_tail(40)));
     assert!(r.text.ends_with(&server.body()), "{}", r.text);
     assert_eq!(r.alpn.as_deref(), Some("http/1.1"));
-    let seen = server.seen().pop().expect("the server saw the connection");
+    let seen = server
+        .wait_seen(Duration::from_secs(10))
+        .await
+        .expect("the server saw the connection");
     assert_eq!(seen.sni.as_deref(), Some(HOST));
     assert_eq!(seen.alpn_offered, vec!["http/1.1"]);
     assert_eq!(seen.peer_uri_sans, vec![CLIENT_ID.to_owned()]);

@@ -327,6 +327,24 @@ impl MtlsServer {
         self.seen.lock().unwrap().clone()
     }
 
+    /// The last completed mTLS connection, waiting up to `timeout` for one: the server
+    /// notes a connection after it has answered, so a client can see the response first.
+    pub async fn wait_seen(&self, timeout: std::time::Duration) -> Result<MtlsSeen, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.seen().pop() {
+                return Ok(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("a completed connection at {}", self.name),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every ClientHello so far as (SNI, offered ALPN), including refused handshakes.
     pub fn hellos(&self) -> Vec<(Option<String>, Vec<String>)> {
         self.recorder.hellos.lock().unwrap().clone()
