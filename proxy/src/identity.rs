@@ -348,7 +348,10 @@ impl Identity {
 /// BoringSSL (Envoy, Istio) does: cheaper per byte and per handshake (SHA-256) than
 /// rustls' default AES-256 first, and what an Istio server picks for an Envoy client.
 fn provider() -> CryptoProvider {
+    #[cfg(not(feature = "aws-lc"))]
     let mut p = rustls::crypto::ring::default_provider();
+    #[cfg(feature = "aws-lc")]
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     // TLS 1.3 suites first, AES-128 first within each version; otherwise rustls' order.
     p.cipher_suites.sort_by_key(|s| {
         let aes128 = matches!(
