@@ -321,21 +321,27 @@ pub async fn hold(
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                let s = tokio::time::timeout(HOLD_STEP, hold_one(addr, source))
-                    .await
-                    .context("connect + echo timed out")??;
-                mine.push(s);
+                match tokio::time::timeout(HOLD_STEP, hold_one(addr, source)).await {
+                    Ok(Ok(s)) => mine.push(s),
+                    Ok(Err(e)) => {
+                        next.store(n, Ordering::Relaxed);
+                        return (mine, Some(e));
+                    }
+                    Err(_) => {
+                        next.store(n, Ordering::Relaxed);
+                        return (mine, Some(anyhow::anyhow!("connect + echo timed out")));
+                    }
+                }
             }
-            anyhow::Ok(mine)
+            (mine, None)
         }));
     }
     let mut all = Vec::with_capacity(n);
     let mut failed = None;
     for w in workers {
-        match w.await? {
-            Ok(mine) => all.extend(mine),
-            Err(e) => failed = failed.or(Some(e)),
-        }
+        let (mine, e) = w.await?;
+        all.extend(mine);
+        failed = failed.or(e);
     }
     if let Some(e) = failed {
         bail!(

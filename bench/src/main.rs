@@ -151,6 +151,8 @@ fn main() -> anyhow::Result<()> {
                     connections: vec![1000, 10_000],
                     in_flight: 64,
                 };
+                // Fail now rather than after the other scenarios if memory cannot fit.
+                scenarios::memory_fits(&m, &mem)?;
                 let r = vec![
                     scenarios::throughput(&m, &t).await?,
                     scenarios::latency(&m, &l).await?,

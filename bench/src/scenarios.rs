@@ -321,9 +321,9 @@ pub async fn connections(mesh: &Mesh, args: &ConnectionsArgs) -> anyhow::Result<
     Ok(r)
 }
 
-/// File descriptors a process needs besides the held connections' (listeners, logs, xDS,
-/// the Workload API, the runtime's own).
-const FD_SLACK: u64 = 1024;
+/// File descriptors a process may open besides those it has open now and the held
+/// connections' (a log line, a `/proc` read, an xDS reconnect).
+const FD_SLACK: u64 = 64;
 
 /// How long the connections stay open and idle before RSS is read.
 const HOLD_SETTLE: Duration = Duration::from_secs(1);
@@ -346,20 +346,37 @@ fn open_fds(pid: u32) -> Option<usize> {
 }
 
 /// Fails, naming the limit, unless the harness (client and server end of each connection)
-/// and the proxy `pid` (downstream and upstream socket each) can both hold `n` connections.
-fn check_fds(n: usize, v: Variant, pid: u32) -> anyhow::Result<()> {
-    let need = 2 * n as u64 + FD_SLACK;
-    for (who, p) in [
-        ("ferry-bench".to_owned(), std::process::id()),
-        (format!("the {} proxy (pid {pid})", v.name()), pid),
+/// and the proxy `pid` (`per_conn` descriptors each: at least the downstream and upstream
+/// sockets, more if the proxy keeps, say, splice pipes) can both hold `n` connections on
+/// top of what they have open now.
+fn check_fds(n: usize, per_conn: f64, v: Variant, pid: u32) -> anyhow::Result<()> {
+    for (who, p, per) in [
+        ("ferry-bench".to_owned(), std::process::id(), 2.0),
+        (format!("the {} proxy (pid {pid})", v.name()), pid, per_conn),
     ] {
         let limit = nofile_limit(p).with_context(|| format!("RLIMIT_NOFILE of {who}"))?;
+        let open = open_fds(p).with_context(|| format!("open descriptors of {who}"))? as u64;
+        let need = open + (per * n as f64).ceil() as u64 + FD_SLACK;
         anyhow::ensure!(
             limit >= need,
-            "holding {n} connections needs about {need} file descriptors in {who}, but its \
-             RLIMIT_NOFILE is {limit}: raise the hard limit (`ulimit -Hn`, or run as root, \
-             which ferry-bench raises to 262144) or pass smaller --connections"
+            "holding {n} connections needs about {need} file descriptors in {who} ({open} \
+             open + {per:.1} per connection), but its RLIMIT_NOFILE is {limit} (ferry-bench \
+             raises it to 262144 where setrlimit permits, else to the hard limit): raise the \
+             hard limit (`ulimit -Hn`, as root) or pass --connections of at most {}",
+            (limit.saturating_sub(open + FD_SLACK) as f64 / per) as u64
         );
+    }
+    Ok(())
+}
+
+/// Fails, naming the limit, before anything is measured, unless the largest
+/// `--connections` fits in the harness and in every proxy (see [`check_fds`]).
+pub fn memory_fits(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<()> {
+    let n = args.connections.iter().copied().max().unwrap_or(0);
+    for v in Variant::ALL {
+        if let Some(pid) = mesh.pid(v) {
+            check_fds(n, 2.0, v, pid)?;
+        }
     }
     Ok(())
 }
@@ -402,12 +419,17 @@ fn rss(v: Variant, pid: u32) -> anyhow::Result<u64> {
 /// before `IstioMtls`), each reusing what the one before left behind rather than adding
 /// to it. `rss_after_close_mib` shows what stayed resident once a case's connections
 /// closed; rounds after the first measure proxies that have held the largest case.
+/// `fds_per_connection` is what each held connection costs in descriptors (the next,
+/// larger case is refused up front, naming the limit, when it would not fit).
 pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
+    memory_fits(mesh, args)?;
     let mut r = Report::new("memory");
     let mut sizes = args.connections.clone();
     sizes.sort_unstable();
     sizes.dedup();
     let mut idle: [Option<u64>; 3] = [None; 3];
+    // Descriptors per held connection, per variant and mode, as measured so far.
+    let mut fds_rate = std::collections::HashMap::new();
     let mut batch = 0;
     for round in 0..args.common.rounds {
         for v in order(round) {
@@ -429,7 +451,9 @@ pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
                 for mode in [Mode::Mtls, Mode::IstioMtls] {
                     let case = format!("{}-{n}conn", mode.name());
                     progress(round, args.common.rounds, &case, v);
-                    check_fds(n, v, pid)?;
+                    let rate = fds_rate.get(&(slot, mode.name())).copied();
+                    check_fds(n, rate.unwrap_or(2.0), v, pid)?;
+                    let fds_before = open_fds(pid).unwrap_or(0);
                     batch += 1;
                     let held = load::hold(
                         mesh.target(v, mode),
@@ -438,10 +462,23 @@ pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
                         args.in_flight,
                     )
                     .await
-                    .with_context(|| format!("{case} via {}", v.name()))?;
+                    .with_context(|| {
+                        let hint = match v {
+                            Variant::Envoy if n > 1024 => {
+                                " (stock Envoy's default cluster circuit breaker allows 1024 \
+                                 upstream connections, and the agent's clusters set none)"
+                            }
+                            _ => "",
+                        };
+                        format!("{case} via {}{hint}", v.name())
+                    })?;
                     tokio::time::sleep(HOLD_SETTLE).await;
                     let kib = rss(v, pid)?;
+                    let fds = open_fds(pid).unwrap_or(0).saturating_sub(fds_before);
                     drop(held);
+                    let per_conn = fds as f64 / n as f64;
+                    fds_rate.insert((slot, mode.name()), per_conn);
+                    r.record(&case, "fds_per_connection", false, v, per_conn);
                     r.record(&case, "rss_mib", false, v, kib as f64 / 1024.0);
                     r.record(
                         &case,
