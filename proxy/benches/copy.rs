@@ -107,15 +107,16 @@ fn throughput(c: &mut Criterion) {
     g.finish();
 }
 
-/// What the pool saves per connection: two 64 KiB buffers, pooled or allocated and zeroed.
+/// What the pool saves each time a direction starts moving bytes: a 64 KiB buffer, pooled
+/// or allocated and zeroed.
 fn buffers(c: &mut Criterion) {
-    let mut g = c.benchmark_group("copy_buffers_per_connection");
+    let mut g = c.benchmark_group("copy_buffer_per_burst");
     g.bench_function("pooled", |b| {
-        b.iter(|| black_box(copy::pool::take_pair(black_box(DEFAULT_BUFFER_SIZE))))
+        b.iter(|| black_box(copy::pool::take(black_box(DEFAULT_BUFFER_SIZE))))
     });
     g.bench_function("fresh", |b| {
         // One byte more than the pooled size: never pooled, same cost as no pool.
-        b.iter(|| black_box(copy::pool::take_pair(black_box(DEFAULT_BUFFER_SIZE + 1))))
+        b.iter(|| black_box(copy::pool::take(black_box(DEFAULT_BUFFER_SIZE + 1))))
     });
     g.finish();
 }

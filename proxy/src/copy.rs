@@ -5,9 +5,11 @@
 //! split without a lock, and one task per connection keeps wakeups and scheduling cheap.
 //!
 //! Invariants, per direction:
-//! - one buffer of `buffer_size` bytes, taken from a small global [`pool`] when the
-//!   connection starts and given back when the copy ends however it ends (drop guard), so
-//!   steady-state connection churn neither allocates nor zeroes buffers;
+//! - one buffer of `buffer_size` bytes while bytes are moving, taken from a small global
+//!   [`pool`] when the reader has something to read and given back as soon as it has
+//!   nothing more (the read is pending and every byte read was written) or the copy ends
+//!   however it ends (drop guard): an idle connection holds no buffer, and steady-state
+//!   traffic neither allocates nor zeroes one;
 //! - a read happens only into an empty buffer, so every byte read is written before the
 //!   next read (no unbounded buffering);
 //! - a read of 0 bytes (EOF) is forwarded as a half-close: pending bytes are written, the
@@ -208,9 +210,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let [b1, b2] = pool::take_pair(cfg.buffer_size);
-    let mut c2u = Direction::new(b1, Side::Client, Side::Upstream);
-    let mut u2c = Direction::new(b2, Side::Upstream, Side::Client);
+    let mut c2u = Direction::new(cfg.buffer_size, Side::Client, Side::Upstream);
+    let mut u2c = Direction::new(cfg.buffer_size, Side::Upstream, Side::Client);
     let mut idle = Idle::new(cfg.idle_timeout);
 
     poll_fn(|cx| {
@@ -280,7 +281,9 @@ impl Idle {
 
 /// One direction of the copy: reads from one side into its buffer, writes to the other.
 struct Direction {
-    buf: pool::Buffer,
+    /// Held only while bytes move (see the module docs); `buf_size` bytes when taken.
+    buf: Option<pool::Buffer>,
+    buf_size: usize,
     /// `buf[pos..cap]` is read but not yet written.
     pos: usize,
     cap: usize,
@@ -292,9 +295,10 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(buf: pool::Buffer, from: Side, to: Side) -> Self {
+    fn new(buf_size: usize, from: Side, to: Side) -> Self {
         Direction {
-            buf,
+            buf: None,
+            buf_size,
             pos: 0,
             cap: 0,
             read_done: false,
@@ -327,7 +331,9 @@ impl Direction {
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
 
             if self.pos == self.cap && !self.read_done {
-                let mut rb = ReadBuf::new(&mut self.buf[..]);
+                let size = self.buf_size;
+                let buf = self.buf.get_or_insert_with(|| pool::take(size));
+                let mut rb = ReadBuf::new(&mut buf[..]);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
@@ -343,7 +349,10 @@ impl Direction {
                         return Poll::Ready(Err(CopyError::from_io(self.from, e)));
                     }
                     Poll::Pending => {
-                        // Nothing to read now: push out what was written (TLS records).
+                        // Nothing to read now and nothing unwritten: an idle direction
+                        // holds no buffer (the reader keeps the waker, not the buffer).
+                        self.buf = None;
+                        // Push out what was written (TLS records).
                         if self.need_flush {
                             ready!(writer.as_mut().poll_flush(cx))
                                 .map_err(|e| CopyError::from_io(self.to, e))?;
@@ -355,12 +364,15 @@ impl Direction {
             }
 
             while self.pos < self.cap {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.cap])
-                )
-                .map_err(|e| CopyError::from_io(self.to, e))?;
+                // Bytes are pending only in a buffer we hold (cap > 0 came from a read into it).
+                let Some(buf) = self.buf.as_deref() else {
+                    return Poll::Ready(Err(CopyError::Io {
+                        side: self.to,
+                        source: io::Error::other("copy buffer released with bytes unwritten"),
+                    }));
+                };
+                let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap]))
+                    .map_err(|e| CopyError::from_io(self.to, e))?;
                 if n == 0 {
                     return Poll::Ready(Err(CopyError::Io {
                         side: self.to,
@@ -375,6 +387,7 @@ impl Direction {
             coop.made_progress();
 
             if self.read_done {
+                self.buf = None;
                 // EOF: forward the half-close, then this direction is over.
                 ready!(writer.as_mut().poll_flush(cx))
                     .map_err(|e| CopyError::from_io(self.to, e))?;
@@ -387,12 +400,12 @@ impl Direction {
     }
 }
 
-/// A small global pool of copy buffers, so connection churn neither allocates nor zeroes
-/// 128 KiB per connection.
+/// A small global pool of copy buffers, so bursts of traffic neither allocate nor zero a
+/// buffer each.
 ///
 /// Only [`DEFAULT_BUFFER_SIZE`] buffers are pooled; other sizes are allocated and freed.
-/// The pool holds at most [`pool::MAX_POOLED`] buffers; a `Mutex` is taken once when a
-/// copy starts and once when it ends, for a push or a pop.
+/// The pool holds at most [`pool::MAX_POOLED`] buffers; a `Mutex` is taken when a
+/// direction starts moving bytes and when it goes idle, for a pop or a push.
 pub mod pool {
     use std::ops::{Deref, DerefMut};
     use std::sync::Mutex;
@@ -435,20 +448,15 @@ pub mod pool {
         }
     }
 
-    /// Two buffers of `size` bytes (one per direction), from the pool when it has them.
-    pub fn take_pair(size: usize) -> [Buffer; 2] {
+    /// A buffer of `size` bytes, from the pool when it has one.
+    pub fn take(size: usize) -> Buffer {
         let size = size.max(1);
-        let (mut a, mut b) = (None, None);
-        if size == DEFAULT_BUFFER_SIZE {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            a = pool.pop();
-            b = pool.pop();
-        }
-        let mut fresh = || vec![0u8; size].into_boxed_slice();
-        [
-            Buffer(a.unwrap_or_else(&mut fresh)),
-            Buffer(b.unwrap_or_else(&mut fresh)),
-        ]
+        let pooled = if size == DEFAULT_BUFFER_SIZE {
+            POOL.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        } else {
+            None
+        };
+        Buffer(pooled.unwrap_or_else(|| vec![0u8; size].into_boxed_slice()))
     }
 
     /// How many buffers are pooled now (for metrics and tests).
@@ -518,10 +526,13 @@ mod tests {
 
     #[test]
     fn pool_reuses_default_buffers_only() {
-        let [a, b] = pool::take_pair(DEFAULT_BUFFER_SIZE);
+        let (a, b) = (
+            pool::take(DEFAULT_BUFFER_SIZE),
+            pool::take(DEFAULT_BUFFER_SIZE),
+        );
         drop((a, b));
         assert!(pool::pooled() >= 2);
-        let [a, _b] = pool::take_pair(1000);
+        let a = pool::take(1000);
         assert_eq!(a.len(), 1000);
     }
 }

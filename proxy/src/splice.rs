@@ -14,10 +14,14 @@
 //! - a splice of 0 bytes from the source is EOF; the half-close is sent once the pipe is
 //!   empty.
 //!
-//! The two pipes are created once per connection (`pipe2(O_NONBLOCK|O_CLOEXEC)`) and
-//! enlarged to [`PIPE_SIZE`] when the kernel allows. If the pipes cannot be created, or the
-//! first splice says the sockets cannot be spliced (`EINVAL`/`ENOSYS`), the connection falls
-//! back to [`copy::bidirectional`](crate::copy::bidirectional) before any byte has moved.
+//! A direction holds a pipe only while bytes move: it takes one when its source first has
+//! something to read and gives it back, empty, as soon as the source has nothing more (the
+//! splice from it would block and the pipe is drained), so an idle passthrough connection
+//! costs its two sockets and nothing else. Given-back pipes wait in a small global pool
+//! (at most [`MAX_POOLED_PIPES`]); new ones are `pipe2(O_NONBLOCK|O_CLOEXEC)`, enlarged to
+//! [`PIPE_SIZE`] when the kernel allows. If a pipe cannot be had, or the first splice says
+//! the sockets cannot be spliced (`EINVAL`/`ENOSYS`), the connection falls back to
+//! [`copy::bidirectional`](crate::copy::bidirectional) before any byte has moved.
 
 use std::future::poll_fn;
 use std::io;
@@ -37,6 +41,23 @@ use crate::copy::{self, CloseReason, CopyConfig, CopyError, Idle, Side, Transfer
 /// The kernel charges it against the user's `fs.pipe-user-pages-soft` (64 MiB by default for
 /// users without `CAP_SYS_RESOURCE`); past that, new pipes get the minimum size and still work.
 pub const PIPE_SIZE: usize = 1 << 20;
+
+/// The most idle pipes the pool keeps (two file descriptors each).
+pub const MAX_POOLED_PIPES: usize = 64;
+
+/// Empty pipes given back by directions that went idle, for the next burst to reuse.
+static PIPES: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
+/// A pipe from the pool, else a new one.
+fn take_pipe() -> io::Result<Pipe> {
+    let pooled = PIPES.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    pooled.map_or_else(Pipe::new, Ok)
+}
+
+/// How many idle pipes the pool holds now (for tests).
+pub fn pooled_pipes() -> usize {
+    PIPES.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
 
 /// Copies both ways between two TCP sockets with `splice(2)` until both directions end, one
 /// fails, or the connection is idle for `cfg.idle_timeout`; returns why it ended.
@@ -64,28 +85,21 @@ pub async fn try_bidirectional(
     cfg: &CopyConfig,
     counts: &Transferred,
 ) -> Result<(), CopyError> {
-    try_bidirectional_with(client, upstream, cfg, counts, Pipe::new).await
+    try_bidirectional_with(client, upstream, cfg, counts, take_pipe, true).await
 }
 
-/// The body of [`try_bidirectional`], with the pipe factory injectable so tests can force
-/// the fallback.
+/// The body of [`try_bidirectional`], with the pipe source injectable so tests can force
+/// the fallback (`pool`: whether idle pipes go back to the global pool).
 pub(crate) async fn try_bidirectional_with(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     cfg: &CopyConfig,
     counts: &Transferred,
     new_pipe: impl Fn() -> io::Result<Pipe>,
+    pool: bool,
 ) -> Result<(), CopyError> {
-    let pipes = new_pipe().and_then(|a| Ok((a, new_pipe()?)));
-    let (p1, p2) = match pipes {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(error = %e, "no pipe for splice; copying through user space");
-            return copy::try_bidirectional(client, upstream, cfg, counts).await;
-        }
-    };
-    let mut c2u = Direction::new(p1, Side::Client, Side::Upstream);
-    let mut u2c = Direction::new(p2, Side::Upstream, Side::Client);
+    let mut c2u = Direction::new(pool, Side::Client, Side::Upstream);
+    let mut u2c = Direction::new(pool, Side::Upstream, Side::Client);
     let mut idle = Idle::new(cfg.idle_timeout);
 
     let spliced = poll_fn(|cx| {
@@ -96,6 +110,7 @@ pub(crate) async fn try_bidirectional_with(
             upstream,
             &counts.client_to_upstream,
             &mut progressed,
+            &new_pipe,
         )?;
         let b = u2c.poll(
             cx,
@@ -103,6 +118,7 @@ pub(crate) async fn try_bidirectional_with(
             client,
             &counts.upstream_to_client,
             &mut progressed,
+            &new_pipe,
         )?;
         match (a, b) {
             (Poll::Ready(DirectionEnd::Unsupported(side, e)), _)
@@ -171,7 +187,10 @@ impl Pipe {
 
 /// One direction: source socket -> pipe -> destination socket.
 struct Direction {
-    pipe: Pipe,
+    /// Held only while bytes move (see the module docs).
+    pipe: Option<Pipe>,
+    /// Give idle pipes back to the global pool (else close them).
+    pool: bool,
     /// Bytes in the pipe, not yet spliced to the destination.
     in_pipe: usize,
     read_done: bool,
@@ -184,9 +203,10 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(pipe: Pipe, from: Side, to: Side) -> Self {
+    fn new(pool: bool, from: Side, to: Side) -> Self {
         Direction {
-            pipe,
+            pipe: None,
+            pool,
             in_pipe: 0,
             read_done: false,
             done: false,
@@ -205,6 +225,7 @@ impl Direction {
         dst: &TcpStream,
         count: &AtomicU64,
         progressed: &mut bool,
+        new_pipe: &impl Fn() -> io::Result<Pipe>,
     ) -> Poll<Result<DirectionEnd, CopyError>> {
         if self.done {
             return Poll::Ready(Ok(DirectionEnd::Done));
@@ -213,9 +234,15 @@ impl Direction {
         loop {
             // Drain the pipe first (see the module invariant).
             while self.in_pipe > 0 {
+                let Some(pipe) = &self.pipe else {
+                    return Poll::Ready(Err(CopyError::Io {
+                        side: self.to,
+                        source: io::Error::other("splice pipe released with bytes in it"),
+                    }));
+                };
                 ready!(dst.poll_write_ready(cx)).map_err(|e| CopyError::from_io(self.to, e))?;
                 let res = dst.try_io(Interest::WRITABLE, || {
-                    splice(&self.pipe.read, None, dst, None, self.in_pipe, flags)
+                    splice(&pipe.read, None, dst, None, self.in_pipe, flags)
                         .map_err(io::Error::from)
                 });
                 match res {
@@ -231,6 +258,7 @@ impl Direction {
             }
 
             if self.read_done {
+                self.release();
                 // The pipe is empty: forward the half-close.
                 socket2::SockRef::from(dst)
                     .shutdown(std::net::Shutdown::Write)
@@ -240,9 +268,18 @@ impl Direction {
             }
 
             ready!(src.poll_read_ready(cx)).map_err(|e| CopyError::from_io(self.from, e))?;
+            let pipe = match &mut self.pipe {
+                Some(p) => p,
+                empty @ None => match new_pipe() {
+                    Ok(p) => empty.insert(p),
+                    Err(e) if self.fresh => {
+                        return Poll::Ready(Ok(DirectionEnd::Unsupported(self.from, e)));
+                    }
+                    Err(e) => return Poll::Ready(Err(CopyError::from_io(self.from, e))),
+                },
+            };
             let res = src.try_io(Interest::READABLE, || {
-                splice(src, None, &self.pipe.write, None, self.pipe.size, flags)
-                    .map_err(io::Error::from)
+                splice(src, None, &pipe.write, None, pipe.size, flags).map_err(io::Error::from)
             });
             match res {
                 Ok(0) => {
@@ -254,7 +291,8 @@ impl Direction {
                     self.fresh = false;
                     *progressed = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The source has nothing more and the pipe is empty: go idle without it.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.release(),
                 Err(e) => {
                     let unsupported = matches!(
                         e.raw_os_error().map(Errno::from_raw),
@@ -267,6 +305,27 @@ impl Direction {
                 }
             }
         }
+    }
+}
+
+impl Direction {
+    /// Gives the pipe back, to the pool if it is empty and pooling is on, else closes it.
+    fn release(&mut self) {
+        let Some(pipe) = self.pipe.take() else {
+            return;
+        };
+        if self.pool && self.in_pipe == 0 {
+            let mut pool = PIPES.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < MAX_POOLED_PIPES {
+                pool.push(pipe);
+            }
+        }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -291,7 +350,8 @@ mod tests {
         let counts = Transferred::default();
         let cfg = CopyConfig::default();
         let no_pipe = || Err(io::Error::from(Errno::ENOSYS));
-        let proxy = try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, no_pipe);
+        let proxy =
+            try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, no_pipe, false);
         let peers = async {
             app.write_all(b"hello").await.unwrap();
             app.shutdown().await.unwrap();
@@ -330,7 +390,8 @@ mod tests {
                 size: 4096,
             })
         };
-        let proxy = try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, not_a_pipe);
+        let proxy =
+            try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, not_a_pipe, false);
         let peers = async {
             app.write_all(b"ping").await.unwrap();
             let mut got = [0u8; 4];
@@ -345,6 +406,46 @@ mod tests {
         let (res, ()) = tokio::join!(proxy, peers);
         res.unwrap();
         assert_eq!(counts.snapshot(), (4, 4));
+    }
+
+    /// Between bursts a direction holds no pipe: with pooling off, every burst each way
+    /// needs a pipe of its own (held for the connection's life, two would do for all).
+    #[tokio::test]
+    async fn idle_directions_hold_no_pipe() {
+        let (mut app, mut client) = pair().await;
+        let (mut upstream, mut server) = pair().await;
+        let counts = Transferred::default();
+        let cfg = CopyConfig::default();
+        let created = std::sync::atomic::AtomicUsize::new(0);
+        let counting = || {
+            created.fetch_add(1, Ordering::Relaxed);
+            Pipe::new()
+        };
+        let proxy =
+            try_bidirectional_with(&mut client, &mut upstream, &cfg, &counts, counting, false);
+        let rounds = 3;
+        let peers = async {
+            let mut got = [0u8; 4];
+            for _ in 0..rounds {
+                app.write_all(b"ping").await.unwrap();
+                server.read_exact(&mut got).await.unwrap();
+                server.write_all(b"pong").await.unwrap();
+                app.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"pong");
+                // Idle long enough for both directions to see "would block".
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            app.shutdown().await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (res, ()) = tokio::join!(proxy, peers);
+        res.unwrap();
+        assert_eq!(counts.snapshot(), (4 * rounds, 4 * rounds));
+        assert!(
+            created.load(Ordering::Relaxed) >= 2 * rounds as usize,
+            "{} pipes for {rounds} bursts each way",
+            created.load(Ordering::Relaxed)
+        );
     }
 
     #[test]
