@@ -11,7 +11,9 @@ use anyhow::Context;
 use testkit::dns::Upstream;
 
 use crate::dnsperf::{self, Summary};
+use crate::mesh::Variant;
 use crate::procs::{ferry_binary, rss_kib};
+use crate::report::Report;
 
 /// `ferry-bench dns` options.
 #[derive(Debug, clap::Args)]
@@ -34,6 +36,12 @@ pub struct Args {
     /// Worker threads for both servers (Envoy --concurrency, ferry UDP workers follow cores).
     #[arg(long, default_value_t = 2)]
     concurrency: u32,
+    /// Where to write the JSON report (default `bench/results/dns.json`).
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Directory to write the SVG chart `dns.svg` to (default `bench/results`).
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 fn config_yaml(services: usize) -> String {
@@ -97,8 +105,9 @@ static_resources:
     )
 }
 
-/// Runs the benchmark and prints a Markdown table.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the benchmark: per workload, queries per second, mean latency and lost queries of
+/// ferry and Envoy (means over the rounds), and each server's RSS after the run.
+pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let ferry = ferry_binary()?;
     let envoy_bin =
         testkit::envoy::binary().context("no stock Envoy: run ./scripts/install-peers.sh")?;
@@ -182,8 +191,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let envoy_rss = envoy.pid().and_then(rss_kib);
     let _ = ferry_proc.kill().await;
 
-    println!(
-        "dnsperf: {} s x {} rounds, {} clients, {} outstanding, {} federated names, {} cores\n",
+    eprintln!(
+        "dnsperf: {} s x {} rounds, {} clients, {} outstanding, {} federated names, {} cores",
         args.seconds,
         args.rounds,
         args.clients,
@@ -193,42 +202,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("| workload | server | QPS (mean) | avg latency | lost | ferry/envoy QPS |");
-    println!("|---|---|---:|---:|---:|---:|");
+    let mut report = Report::new("dns");
+    let variants = [Variant::Ferry, Variant::Envoy];
     for (w, (wname, _)) in workloads.iter().enumerate() {
-        let mean = |s: usize| {
-            let rs = &results[w][s];
-            let n = rs.len().max(1) as f64;
-            (
-                rs.iter().map(|r| r.qps).sum::<f64>() / n,
-                rs.iter().map(|r| r.avg_latency).sum::<f64>() / n,
-                rs.iter().map(|r| r.lost).sum::<u64>(),
-            )
-        };
-        let (fq, _, _) = mean(0);
-        let (eq, _, _) = mean(1);
-        for (s, (sname, _)) in servers.iter().enumerate() {
-            let (q, lat, lost) = mean(s);
-            let ratio = if s == 0 {
-                format!("{:.2}x", fq / eq.max(1.0))
-            } else {
-                String::new()
-            };
-            println!(
-                "| {wname} | {sname} | {q:.0} | {:.0} µs | {lost} | {ratio} |",
-                lat * 1e6
-            );
+        let case = wname.replace(' ', "-");
+        for (s, v) in variants.iter().enumerate() {
+            for r in &results[w][s] {
+                report.record(&case, "queries_per_s", true, *v, r.qps);
+                report.record(&case, "avg_latency_us", false, *v, r.avg_latency * 1e6);
+                report.record(&case, "lost_queries", false, *v, r.lost as f64);
+            }
         }
     }
-    println!(
-        "\nRSS after the run: ferry {} MiB, envoy {} MiB",
-        ferry_rss
-            .map(|k| format!("{:.1}", k as f64 / 1024.0))
-            .unwrap_or_else(|| "?".into()),
-        envoy_rss
-            .map(|k| format!("{:.1}", k as f64 / 1024.0))
-            .unwrap_or_else(|| "?".into()),
-    );
+    for (v, rss) in variants.iter().zip([ferry_rss, envoy_rss]) {
+        if let Some(k) = rss {
+            report.record("after-run", "rss_mib", false, *v, k as f64 / 1024.0);
+        }
+    }
     upstream.stop().await;
-    Ok(())
+    Ok(report)
 }

@@ -18,6 +18,7 @@
 //! `./target/release/ferry-bench ...` is the same harness run directly (it measures
 //! `$FERRY_BIN`, else `target/release/ferry`).
 
+mod chart;
 mod dns;
 mod dnsperf;
 mod load;
@@ -90,6 +91,21 @@ fn raise_nofile() -> nix::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
+/// Prints `r`'s table and writes its JSON (to `json`, else `bench/results/<scenario>.json`)
+/// and its SVG chart (into `svg`, else `bench/results`).
+fn write(
+    r: &report::Report,
+    json: Option<&std::path::Path>,
+    svg: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    println!("{}", r.table());
+    let p = r.write_json(json)?;
+    eprintln!("wrote {}", p.display());
+    let p = r.write_svg(svg)?;
+    eprintln!("wrote {}", p.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // Before any process is spawned: they inherit it.
     if let Err(e) = raise_nofile() {
@@ -97,8 +113,9 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = Cli::parse();
     let generator = runtime(GEN_THREADS, 2)?;
-    if let What::Dns(a) = cli.what {
-        return generator.block_on(dns::run(a));
+    if let What::Dns(a) = &cli.what {
+        let r = generator.block_on(dns::run(a))?;
+        return write(&r, a.json.as_deref(), a.svg.as_deref());
     }
     let servers = runtime(SRV_THREADS, 2)?;
     let common = match &cli.what {
@@ -120,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         What::All(_) => None,
         _ => common.json.clone(),
     };
+    let svg_dir = common.svg.clone();
     let handle = servers.handle().clone();
     generator.block_on(async move {
         eprintln!("starting direct, ferry and Envoy on loopback ...");
@@ -168,9 +186,7 @@ fn main() -> anyhow::Result<()> {
             What::Dns(_) => unreachable!("handled above"),
         };
         for r in &reports {
-            println!("{}", r.table());
-            let p = r.write_json(single_json.as_deref())?;
-            eprintln!("wrote {}", p.display());
+            write(r, single_json.as_deref(), svg_dir.as_deref())?;
         }
         anyhow::Ok(())
     })?;

@@ -16,6 +16,20 @@ struct Series {
     values: [Vec<f64>; 3],
 }
 
+/// One row of a report: the means over the rounds of one case's metric, per variant
+/// (direct, ferry, envoy; `None` where that variant recorded nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    /// The case.
+    pub case: &'a str,
+    /// The metric (its name ends in its unit).
+    pub metric: &'static str,
+    /// Whether a larger value is better.
+    pub higher_is_better: bool,
+    /// Means per variant, in [`Variant::ALL`] order.
+    pub values: [Option<f64>; 3],
+}
+
 /// The samples of one scenario, in the order they were first recorded.
 #[derive(Debug)]
 pub struct Report {
@@ -102,6 +116,34 @@ impl Report {
         out
     }
 
+    /// The means per case and metric, in the order first recorded.
+    pub fn rows(&self) -> Vec<Row<'_>> {
+        self.series
+            .iter()
+            .map(|s| Row {
+                case: &s.case,
+                metric: s.metric,
+                higher_is_better: s.higher_is_better,
+                values: [0, 1, 2].map(|i| mean(&s.values[i])),
+            })
+            .collect()
+    }
+
+    /// The SVG chart (see [`crate::chart`]).
+    pub fn svg(&self) -> anyhow::Result<String> {
+        crate::chart::render(self.scenario, &self.rows())
+    }
+
+    /// Writes [`Report::svg`] to `<dir>/<scenario>.svg`, `dir` defaulting to
+    /// `bench/results`.
+    pub fn write_svg(&self, dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+        let dir = dir.map(Path::to_owned).unwrap_or_else(results_dir);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.svg", self.scenario));
+        std::fs::write(&path, self.svg()?)?;
+        Ok(path)
+    }
+
     /// The JSON report.
     pub fn json(&self) -> serde_json::Value {
         let results: Vec<_> = self
@@ -135,17 +177,20 @@ impl Report {
 
     /// Writes [`Report::json`] to `path`, or to `bench/results/<scenario>.json`.
     pub fn write_json(&self, path: Option<&Path>) -> anyhow::Result<PathBuf> {
-        let path = path.map(Path::to_owned).unwrap_or_else(|| {
-            testkit::workspace_root()
-                .join("bench/results")
-                .join(format!("{}.json", self.scenario))
-        });
+        let path = path
+            .map(Path::to_owned)
+            .unwrap_or_else(|| results_dir().join(format!("{}.json", self.scenario)));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(&path, serde_json::to_string_pretty(&self.json())? + "\n")?;
         Ok(path)
     }
+}
+
+/// Where reports go by default: `bench/results` in this workspace.
+pub fn results_dir() -> PathBuf {
+    testkit::workspace_root().join("bench/results")
 }
 
 /// What the numbers were measured on.

@@ -37,6 +37,9 @@ pub struct Common {
     /// Where to write the JSON report (default `bench/results/<scenario>.json`).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Directory to write the SVG chart `<scenario>.svg` to (default `bench/results`).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 /// `throughput` options.

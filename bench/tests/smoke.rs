@@ -38,6 +38,8 @@ fn run(scenario: &str, extra: &[&str]) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
         .args([scenario, "--duration", "0.3", "--rounds", "1", "--json"])
         .arg(&json)
+        .arg("--svg")
+        .arg(dir.path())
         .args(extra)
         .env("FERRY_BIN", &ferry)
         .output()
@@ -65,6 +67,8 @@ fn run(scenario: &str, extra: &[&str]) {
             }
         }
     }
+    let svg = std::fs::read_to_string(dir.path().join(format!("{scenario}.svg"))).unwrap();
+    assert!(svg.contains("<svg") && svg.contains(scenario));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| case | metric | direct | ferry | envoy | ferry/envoy |"));
 }
