@@ -6,10 +6,11 @@
 //! originate Istio mTLS (SNI, ALPN, SVID and trust bundle from SDS); `Mtls` clusters are
 //! raw TCP, forwarding the client's own TLS.
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig,
 };
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
     TransportSocket, api_config_source::ApiType, config_source::ConfigSourceSpecifier,
@@ -23,7 +24,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     tls_parameters::TlsProtocol,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
-use envoy_types::pb::google::protobuf::Duration;
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 
 use super::{Resource, VersionError, endpoint, meta};
 use registry::config::{FederatedService, GatewayAddress, ServerIdentity, TlsMode};
@@ -51,6 +52,7 @@ pub fn cluster(svc: &FederatedService) -> Result<Resource, VersionError> {
             seconds: CONNECT_TIMEOUT_SECS,
             nanos: 0,
         }),
+        circuit_breakers: Some(unlimited()),
         metadata: Some(meta::ferry([
             (meta::HOSTNAME, meta::string(svc.hostname.as_str())),
             (meta::PORT, meta::number(f64::from(svc.port))),
@@ -92,6 +94,25 @@ pub fn cluster(svc: &FederatedService) -> Result<Resource, VersionError> {
         dns_gateways: dns.then_some(&svc.gateways),
     };
     Resource::new(svc.cluster_name(), &c, &inputs)
+}
+
+/// Circuit breakers wide open, as Istio sets them on every outbound cluster: Envoy's
+/// defaults (1,024 connections, pending and active requests, 3 retries per cluster) would
+/// reset a sidecar's 1,025th connection to one federated service. ferry's own proxy bounds
+/// connections process-wide instead (`--max-connections`).
+fn unlimited() -> CircuitBreakers {
+    let max = Some(UInt32Value { value: u32::MAX });
+    CircuitBreakers {
+        thresholds: vec![Thresholds {
+            max_connections: max,
+            max_pending_requests: max,
+            max_requests: max,
+            max_retries: max,
+            track_remaining: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// What a cluster is built from (hashed into its version).

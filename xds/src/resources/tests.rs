@@ -89,6 +89,16 @@ fn ip_gateways_make_an_eds_cluster_over_ads() {
     assert!(c.eds_cluster_config.unwrap().eds_config.is_some());
     assert!(c.load_assignment.is_none());
     assert_eq!(c.connect_timeout.unwrap().seconds, 5);
+    // Istio's wide-open circuit breakers, not Envoy's 1,024-connection default.
+    let t = &c.circuit_breakers.unwrap().thresholds[0];
+    for limit in [
+        &t.max_connections,
+        &t.max_pending_requests,
+        &t.max_requests,
+        &t.max_retries,
+    ] {
+        assert_eq!(limit.as_ref().map(|v| v.value), Some(u32::MAX));
+    }
 }
 
 #[test]
