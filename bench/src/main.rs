@@ -26,6 +26,7 @@ mod mesh;
 mod procs;
 mod report;
 mod scenarios;
+mod xds;
 
 use clap::{Parser, Subcommand};
 
@@ -54,10 +55,17 @@ enum What {
     Connections(ConnectionsArgs),
     /// Proxy RSS idle and with 1,000 and 10,000 idle connections held open through it.
     Memory(MemoryArgs),
-    /// throughput, latency, connections and memory with their defaults on one topology.
+    /// throughput, latency, connections and memory with their defaults on one topology,
+    /// then xds and svid with theirs.
     All(Common),
     /// dnsperf against `ferry dns` and Envoy's dns_filter: federated and forwarded names.
     Dns(dns::Args),
+    /// ferry's xDS server with N services and S ADS streams (SotW, Delta): full sync, change
+    /// fan-out latency, server RSS.
+    Xds(xds::Args),
+    /// The xDS server child of `xds` (commands on stdin).
+    #[command(hide = true)]
+    XdsServer(xds::ServerArgs),
 }
 
 fn runtime(name: &'static str, threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -112,9 +120,16 @@ fn main() -> anyhow::Result<()> {
         eprintln!("ferry-bench: cannot raise RLIMIT_NOFILE: {e}");
     }
     let cli = Cli::parse();
+    if let What::XdsServer(a) = &cli.what {
+        return tokio::runtime::Runtime::new()?.block_on(xds::server(a));
+    }
     let generator = runtime(GEN_THREADS, 2)?;
     if let What::Dns(a) = &cli.what {
         let r = generator.block_on(dns::run(a))?;
+        return write(&r, a.json.as_deref(), a.svg.as_deref());
+    }
+    if let What::Xds(a) = &cli.what {
+        let r = generator.block_on(xds::run(a))?;
         return write(&r, a.json.as_deref(), a.svg.as_deref());
     }
     let servers = runtime(SRV_THREADS, 2)?;
@@ -124,7 +139,7 @@ fn main() -> anyhow::Result<()> {
         What::Connections(a) => &a.common,
         What::Memory(a) => &a.common,
         What::All(c) => c,
-        What::Dns(_) => unreachable!("handled above"),
+        What::Dns(_) | What::Xds(_) | What::XdsServer(_) => unreachable!("handled above"),
     };
     let opts = mesh::Options {
         ferry: procs::ferry_binary()?,
@@ -176,6 +191,7 @@ fn main() -> anyhow::Result<()> {
                     scenarios::latency(&m, &l).await?,
                     scenarios::connections(&m, &k).await?,
                     scenarios::memory(&m, &mem).await?,
+                    xds::run(&xds::Args::default()).await?,
                 ];
                 if let Some(path) = json {
                     let all: Vec<_> = r.iter().map(report::Report::json).collect();
@@ -183,7 +199,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 r
             }
-            What::Dns(_) => unreachable!("handled above"),
+            What::Dns(_) | What::Xds(_) | What::XdsServer(_) => unreachable!("handled above"),
         };
         for r in &reports {
             write(r, single_json.as_deref(), svg_dir.as_deref())?;
