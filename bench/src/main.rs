@@ -26,6 +26,7 @@ mod mesh;
 mod procs;
 mod report;
 mod scenarios;
+mod svid;
 mod xds;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,9 @@ enum What {
     /// ferry's xDS server with N services and S ADS streams (SotW, Delta): full sync, change
     /// fan-out latency, server RSS.
     Xds(xds::Args),
+    /// The Workload API of a real `ferry agent` (FetchX509SVID latency and rate) and the
+    /// software CA's SVID issuance rate.
+    Svid(svid::Args),
     /// The xDS server child of `xds` (commands on stdin).
     #[command(hide = true)]
     XdsServer(xds::ServerArgs),
@@ -132,6 +136,10 @@ fn main() -> anyhow::Result<()> {
         let r = generator.block_on(xds::run(a))?;
         return write(&r, a.json.as_deref(), a.svg.as_deref());
     }
+    if let What::Svid(a) = &cli.what {
+        let r = generator.block_on(svid::run(a))?;
+        return write(&r, a.json.as_deref(), a.svg.as_deref());
+    }
     let servers = runtime(SRV_THREADS, 2)?;
     let common = match &cli.what {
         What::Throughput(a) => &a.common,
@@ -139,7 +147,9 @@ fn main() -> anyhow::Result<()> {
         What::Connections(a) => &a.common,
         What::Memory(a) => &a.common,
         What::All(c) => c,
-        What::Dns(_) | What::Xds(_) | What::XdsServer(_) => unreachable!("handled above"),
+        What::Dns(_) | What::Xds(_) | What::Svid(_) | What::XdsServer(_) => {
+            unreachable!("handled above")
+        }
     };
     let opts = mesh::Options {
         ferry: procs::ferry_binary()?,
@@ -179,6 +189,10 @@ fn main() -> anyhow::Result<()> {
                     common: c.clone(),
                     connections: 8,
                 };
+                let svid_args = svid::Args {
+                    duration: c.duration,
+                    ..svid::Args::default()
+                };
                 let mem = MemoryArgs {
                     common: c,
                     connections: vec![1000, 10_000],
@@ -192,6 +206,7 @@ fn main() -> anyhow::Result<()> {
                     scenarios::connections(&m, &k).await?,
                     scenarios::memory(&m, &mem).await?,
                     xds::run(&xds::Args::default()).await?,
+                    svid::run(&svid_args).await?,
                 ];
                 if let Some(path) = json {
                     let all: Vec<_> = r.iter().map(report::Report::json).collect();
@@ -199,7 +214,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 r
             }
-            What::Dns(_) | What::Xds(_) | What::XdsServer(_) => unreachable!("handled above"),
+            What::Dns(_) | What::Xds(_) | What::Svid(_) | What::XdsServer(_) => {
+                unreachable!("handled above")
+            }
         };
         for r in &reports {
             write(r, single_json.as_deref(), svg_dir.as_deref())?;
