@@ -1,6 +1,7 @@
-//! Every data-path scenario of `ferry-bench` runs end to end with tiny sizes: the whole
-//! topology starts (two agents, `ferry proxy`, stock Envoy), traffic passes through every
-//! variant, and the JSON report has the shape tools read. Never asserts a speed.
+//! Every scenario of `ferry-bench` but `dns` and `all` runs end to end with tiny sizes: for
+//! the data-path ones the whole topology starts (two agents, `ferry proxy`, stock Envoy) and
+//! traffic passes through every variant; `xds` and `svid` measure ferry alone. The JSON
+//! report has the shape tools read and the SVG chart is written. Never asserts a speed.
 //!
 //! Needs a ferry binary (`$FERRY_BIN`, else `target/release/ferry`, else
 //! `target/debug/ferry`, else the one built beside `ferry-bench`) and stock Envoy; either
@@ -29,21 +30,41 @@ fn ferry_binary() -> Option<PathBuf> {
     .then_some(found)?
 }
 
-fn run(scenario: &str, extra: &[&str]) {
+/// Which variants a scenario's first metric must have a value for in every case (the
+/// others may be empty).
+const ALL_THREE: &[&str] = &["direct", "ferry", "envoy"];
+/// Proxies only (`memory`: direct has no proxy to measure).
+const PROXIES: &[&str] = &["ferry", "envoy"];
+/// ferry only (`xds`, `svid`: no Envoy or direct counterpart).
+const FERRY: &[&str] = &["ferry"];
+
+/// Runs the data-path `scenario` (the whole topology: ferry and Envoy) for 0.3 s, 1 round.
+fn run(scenario: &str, extra: &[&str], carried: &[&str]) {
     let (Some(ferry), Some(_envoy)) = (ferry_binary(), testkit::envoy::require()) else {
         return;
     };
+    let mut args = vec!["--duration", "0.3", "--rounds", "1"];
+    args.extend_from_slice(extra);
+    run_with(scenario, &args, carried, Some(&ferry));
+}
+
+/// Runs `ferry-bench scenario args...` (with `FERRY_BIN` = `ferry` if given), its JSON and
+/// SVG into a temp dir, and checks the report's shape: every case's first metric has a
+/// positive value for each of `carried`.
+fn run_with(scenario: &str, args: &[&str], carried: &[&str], ferry: Option<&PathBuf>) {
     let dir = testkit::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args([scenario, "--duration", "0.3", "--rounds", "1", "--json"])
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-bench"));
+    cmd.arg(scenario)
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .arg("--svg")
-        .arg(dir.path())
-        .args(extra)
-        .env("FERRY_BIN", &ferry)
-        .output()
-        .expect("run ferry-bench");
+        .arg(dir.path());
+    if let Some(f) = ferry {
+        cmd.env("FERRY_BIN", f);
+    }
+    let out = cmd.output().expect("run ferry-bench");
     assert!(
         out.status.success(),
         "ferry-bench {scenario} failed:\n{}\n{}",
@@ -57,14 +78,27 @@ fn run(scenario: &str, extra: &[&str]) {
     let rows = report["results"].as_array().unwrap();
     assert!(!rows.is_empty());
     for row in rows {
-        for key in ["case", "metric", "higher_is_better", "ratio_ferry_envoy"] {
+        for key in [
+            "case",
+            "metric",
+            "higher_is_better",
+            "direct",
+            "ferry",
+            "envoy",
+            "ratio_ferry_envoy",
+        ] {
             assert!(row.get(key).is_some(), "{key} missing in {row}");
         }
-        // Every variant carried traffic: the first metric of each case has all three.
+        // Every variant measured carried traffic: the first metric of each case has a value
+        // for each.
         if row["metric"] == rows[0]["metric"] {
-            for v in ["direct", "ferry", "envoy"] {
+            for v in carried {
                 assert!(row[v].as_f64().is_some_and(|x| x > 0.0), "{v} in {row}");
             }
+        }
+        // A ferry-only scenario leaves the other columns empty.
+        if carried == FERRY {
+            assert!(row["envoy"].is_null() && row["direct"].is_null(), "{row}");
         }
     }
     let svg = std::fs::read_to_string(dir.path().join(format!("{scenario}.svg"))).unwrap();
@@ -75,15 +109,39 @@ fn run(scenario: &str, extra: &[&str]) {
 
 #[test]
 fn throughput_runs_through_every_variant() {
-    run("throughput", &["--connections", "1,2"]);
+    run("throughput", &["--connections", "1,2"], ALL_THREE);
 }
 
 #[test]
 fn latency_runs_through_every_variant() {
-    run("latency", &[]);
+    run("latency", &[], ALL_THREE);
 }
 
 #[test]
 fn connections_runs_through_every_variant() {
-    run("connections", &["--connections", "2"]);
+    run("connections", &["--connections", "2"], ALL_THREE);
+}
+
+#[test]
+fn memory_holds_connections_through_both_proxies() {
+    run("memory", &["--connections", "50"], PROXIES);
+}
+
+#[test]
+fn xds_syncs_and_fans_out_a_change() {
+    // Needs neither ferry nor Envoy: the server is ferry-bench's own child.
+    run_with(
+        "xds",
+        &["--services", "200", "--streams", "5", "--changes", "3"],
+        FERRY,
+        None,
+    );
+}
+
+#[test]
+fn svid_fetches_from_a_real_agent() {
+    let Some(ferry) = ferry_binary() else {
+        return;
+    };
+    run_with("svid", &["--duration", "0.3"], FERRY, Some(&ferry));
 }
