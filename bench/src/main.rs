@@ -1,6 +1,8 @@
 //! `ferry-bench`: runs ferry and stock Envoy side by side on the same workload, in the same
 //! run, starting every process itself on loopback, and prints the figures as Markdown
-//! tables (the README quotes them) and JSON (`bench/results/<scenario>.json`).
+//! tables (the README quotes them), JSON (`bench/results/<scenario>.json`, or `--json FILE`)
+//! and an SVG chart (`bench/results/<scenario>.svg`, or into `--svg DIR`). `xds` and `svid`
+//! measure ferry alone (its xDS server at scale; its Workload API and CA).
 //!
 //! `ferry bench SCENARIO [ARGS...]` runs it through the `ferry` binary (it execs the
 //! `ferry-bench` next to it, or `$FERRY_BENCH`, with `FERRY_BIN` set to itself, so the
@@ -12,6 +14,8 @@
 //! ./target/release/ferry bench memory --connections 1000,10000
 //! ./target/release/ferry bench all
 //! ./target/release/ferry bench dns
+//! ./target/release/ferry bench xds --services 10000 --streams 100
+//! ./target/release/ferry bench svid --duration 5
 //! ./target/release/ferry bench --help
 //! ```
 //!
