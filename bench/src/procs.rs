@@ -32,6 +32,21 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// A KiB field of `/proc/<pid>/smaps_rollup` (`Pss`, `Anonymous`, `Shared_Clean`, ...):
+/// what RSS is made of. A process's RSS includes the pages of its executable it touched,
+/// which every process running the same binary shares; PSS divides shared pages among
+/// their users and `Anonymous` is the heap and stacks alone.
+pub fn rollup_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Stock Envoy: `--envoy PATH`, else `$FERRY_ENVOY`, else `<workspace>/.venv/bin/envoy`.
 pub fn envoy_binary(flag: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = flag {
@@ -86,6 +101,13 @@ mod tests {
     fn reads_utime_and_stime_past_a_name_with_spaces() {
         let s = "42 (a b) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
         assert_eq!(super::stat_cpu(s), Some(3.0));
+    }
+
+    #[test]
+    fn own_memory_has_pss_and_anonymous_parts() {
+        let me = std::process::id();
+        assert!(super::rollup_kib(me, "Pss").is_some_and(|k| k > 0));
+        assert!(super::rollup_kib(me, "Anonymous").is_some_and(|k| k > 0));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::mesh::{Mesh, Mode, Variant};
-use crate::procs::{cpu_seconds, own_threads_cpu, rss_kib};
+use crate::procs::{cpu_seconds, own_threads_cpu, rollup_kib, rss_kib};
 use crate::report::Report;
 use crate::{GEN_THREADS, SRV_THREADS, load};
 
@@ -446,6 +446,11 @@ pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
                     progress(round, args.common.rounds, "idle", v);
                     let k = rss(v, pid)?;
                     r.record("idle", "rss_mib", false, v, k as f64 / 1024.0);
+                    for (field, metric) in [("Pss", "pss_mib"), ("Anonymous", "anon_mib")] {
+                        if let Some(kib) = rollup_kib(pid, field) {
+                            r.record("idle", metric, false, v, kib as f64 / 1024.0);
+                        }
+                    }
                     idle[slot] = Some(k);
                     k
                 }
@@ -469,7 +474,8 @@ pub async fn memory(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<Report> {
                         let hint = match v {
                             Variant::Envoy if n > 1024 => {
                                 " (stock Envoy's default cluster circuit breaker allows 1024 \
-                                 upstream connections, and the agent's clusters set none)"
+                                 upstream connections; ferry agent's clusters raise it as \
+                                 Istio's do: is this an older agent?)"
                             }
                             _ => "",
                         };

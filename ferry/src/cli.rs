@@ -80,7 +80,7 @@ pub enum Command {
     #[command(subcommand)]
     Ca(crate::attest_cmd::CaCommand),
     /// Benchmark this ferry against stock Envoy on loopback: `ferry bench
-    /// throughput|latency|connections|memory|dns|all [OPTIONS]`.
+    /// throughput|latency|connections|memory|xds|dns|svid|all [OPTIONS]`.
     ///
     /// Runs the `ferry-bench` harness next to this binary (or `$FERRY_BENCH`) with
     /// `FERRY_BIN` set to this binary; build both with `cargo build --release -p ferry -p
