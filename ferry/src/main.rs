@@ -26,10 +26,14 @@ fn main() -> std::process::ExitCode {
         cli::Command::Demo(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
-    if let Err(e) = logging::init(level, cli.log_format) {
-        eprintln!("ferry: {e:#}");
-        return std::process::ExitCode::from(2);
-    }
+    // Held to the end of main: dropping it flushes the log lines still queued.
+    let _log = match logging::init(level, cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
