@@ -4,8 +4,8 @@
 //! thread that emits them and handed to one writer thread (`tracing-appender`), which writes
 //! them to stderr in batches: an async worker never waits on a slow terminal, pipe or log
 //! collector, and a burst of lines costs one `write` per batch rather than one per line.
-//! Should the writer fall 128,000 lines behind, new lines are dropped rather than blocking
-//! the workers.
+//! Should the writer fall [`QUEUED_LINES`] lines behind, new lines are dropped rather than
+//! blocking the workers.
 
 use std::io::{BufWriter, IsTerminal};
 
@@ -13,6 +13,11 @@ use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
+
+/// How many formatted lines may wait for the writer thread. The queue's slots are
+/// allocated up front (tracing-appender's default of 128,000 cost about 4 MiB of resident
+/// memory in every ferry process); 8,192 lines absorb any burst a sidecar logs.
+pub const QUEUED_LINES: usize = 8192;
 
 /// Installs the global subscriber writing to stderr through the writer thread. Keep the
 /// guard until the process ends: dropping it flushes what is still queued.
@@ -27,6 +32,7 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<WorkerGuard> {
     // lines that arrived together.
     let (writer, guard) = NonBlockingBuilder::default()
         .thread_name("ferry-log")
+        .buffered_lines_limit(QUEUED_LINES)
         .finish(BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
