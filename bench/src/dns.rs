@@ -36,12 +36,8 @@ pub struct Args {
     /// Worker threads for both servers (Envoy --concurrency, ferry UDP workers follow cores).
     #[arg(long, default_value_t = 2)]
     concurrency: u32,
-    /// Where to write the JSON report (default `bench/results/dns.json`).
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
-    /// Directory to write the SVG chart `dns.svg` to (default `bench/results`).
-    #[arg(long)]
-    pub svg: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub out: crate::report::Output,
 }
 
 fn config_yaml(services: usize) -> String {

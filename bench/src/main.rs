@@ -134,15 +134,15 @@ fn main() -> anyhow::Result<()> {
     let generator = runtime(GEN_THREADS, 2)?;
     if let What::Dns(a) = &cli.what {
         let r = generator.block_on(dns::run(a))?;
-        return write(&r, a.json.as_deref(), a.svg.as_deref());
+        return write(&r, a.out.json.as_deref(), a.out.svg.as_deref());
     }
     if let What::Xds(a) = &cli.what {
         let r = generator.block_on(xds::run(a))?;
-        return write(&r, a.json.as_deref(), a.svg.as_deref());
+        return write(&r, a.out.json.as_deref(), a.out.svg.as_deref());
     }
     if let What::Svid(a) = &cli.what {
         let r = generator.block_on(svid::run(a))?;
-        return write(&r, a.json.as_deref(), a.svg.as_deref());
+        return write(&r, a.out.json.as_deref(), a.out.svg.as_deref());
     }
     let servers = runtime(SRV_THREADS, 2)?;
     let common = match &cli.what {
@@ -164,9 +164,9 @@ fn main() -> anyhow::Result<()> {
     // `all` writes each scenario to its default path and the whole set to `--json`.
     let single_json = match &cli.what {
         What::All(_) => None,
-        _ => common.json.clone(),
+        _ => common.out.json.clone(),
     };
-    let svg_dir = common.svg.clone();
+    let svg_dir = common.out.svg.clone();
     let handle = servers.handle().clone();
     generator.block_on(async move {
         eprintln!("starting direct, ferry and Envoy on loopback ...");
@@ -177,8 +177,14 @@ fn main() -> anyhow::Result<()> {
             What::Connections(a) => vec![scenarios::connections(&m, &a).await?],
             What::Memory(a) => vec![scenarios::memory(&m, &a).await?],
             What::All(c) => {
-                let json = c.json.clone();
-                let c = Common { json: None, ..c };
+                let json = c.out.json.clone();
+                let c = Common {
+                    out: report::Output {
+                        json: None,
+                        ..c.out.clone()
+                    },
+                    ..c
+                };
                 let t = ThroughputArgs {
                     common: c.clone(),
                     connections: vec![1, 8],

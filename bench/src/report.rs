@@ -7,6 +7,18 @@ use serde_json::json;
 
 use crate::mesh::Variant;
 
+/// Where a scenario's report goes (`--json FILE`, `--svg DIR`): the same two options on
+/// every scenario.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Output {
+    /// Where to write the JSON report (default `bench/results/<scenario>.json`).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Directory to write the SVG chart `<scenario>.svg` to (default `bench/results`).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
 /// One metric of one case, with every round's value per variant.
 #[derive(Debug)]
 struct Series {

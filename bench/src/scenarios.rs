@@ -34,12 +34,8 @@ pub struct Common {
     /// honouring the proxy's order (by default each proxy gets its own first choice).
     #[arg(long)]
     pub server_cipher_order: bool,
-    /// Where to write the JSON report (default `bench/results/<scenario>.json`).
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Directory to write the SVG chart `<scenario>.svg` to (default `bench/results`).
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: crate::report::Output,
 }
 
 /// `throughput` options.

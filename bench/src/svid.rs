@@ -6,7 +6,6 @@
 //!
 //! ferry only: there is no Envoy counterpart (Envoy takes its SVIDs over SDS from an agent).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,12 +31,8 @@ pub struct Args {
     /// Concurrent fetch loops for fetches per second.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
-    /// Where to write the JSON report (default `bench/results/svid.json`).
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Directory to write the SVG chart `svid.svg` to (default `bench/results`).
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: crate::report::Output,
 }
 
 impl Default for Args {
@@ -45,8 +40,7 @@ impl Default for Args {
         Self {
             duration: 5.0,
             connections: 8,
-            json: None,
-            svg: None,
+            out: crate::report::Output::default(),
         }
     }
 }

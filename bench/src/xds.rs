@@ -12,7 +12,6 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,12 +49,8 @@ pub struct Args {
     /// One-service changes whose fan-out to all streams is timed, per protocol.
     #[arg(long, default_value_t = 20)]
     pub changes: usize,
-    /// Where to write the JSON report (default `bench/results/xds.json`).
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Directory to write the SVG chart `xds.svg` to (default `bench/results`).
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: crate::report::Output,
 }
 
 impl Default for Args {
@@ -64,8 +59,7 @@ impl Default for Args {
             services: 10_000,
             streams: 100,
             changes: 20,
-            json: None,
-            svg: None,
+            out: crate::report::Output::default(),
         }
     }
 }
