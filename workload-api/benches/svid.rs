@@ -1,9 +1,10 @@
 //! Benchmarks: X.509-SVIDs issued per second by the software CA, and the latency of
 //! `FetchX509SVID` until its first message over the Unix socket (real `spiffe` client).
 //!
-//! The `tpm` group compares the CA key's backends on a real software TPM (swtpm): the TPM
-//! key signing every SVID (`ca.issuance: direct`) against the default, where it signs a
-//! short-lived in-memory issuing CA that signs the SVIDs (`issuing-ca`).
+//! The `tpm` group compares the CA key's backends on a real software TPM (swtpm): one
+//! signature by the TPM key against one by a software key, and the TPM key signing every
+//! SVID (`ca.issuance: direct`) against the default, where it signs a short-lived in-memory
+//! issuing CA that signs the SVIDs (`issuing-ca`).
 //!
 //! Run: `cargo bench -p workload-api --bench svid`.
 
@@ -119,6 +120,27 @@ fn tpm_issuance(c: &mut Criterion) {
     let mut g = c.benchmark_group("tpm");
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
+    // One ECDSA P-256 signature over a certificate-sized message: the CA key in swtpm
+    // (TPM2_Sign) against the software key, through the same `Signer` interface.
+    let msg = [0x5au8; 512];
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let signers: [(&str, Arc<dyn attest::KeyStore>); 2] = [
+        (
+            "sign_p256_tpm",
+            Arc::new(attest::tpm::TpmKeyStore::new(
+                tpm.clone(),
+                keys_dir.path().join("tpm"),
+            )),
+        ),
+        (
+            "sign_p256_software",
+            Arc::new(attest::SoftwareKeyStore::new(keys_dir.path().join("sw"))),
+        ),
+    ];
+    for (name, store) in signers {
+        let signer = store.generate("bench-sign").expect("generate a key");
+        g.bench_function(name, |b| b.iter(|| signer.sign(&msg).expect("sign")));
+    }
     for (name, mode) in [
         ("issue_x509_svid_direct", attest::IssuanceMode::Direct),
         (
