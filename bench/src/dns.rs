@@ -40,6 +40,21 @@ pub struct Args {
     pub out: crate::report::Output,
 }
 
+impl Args {
+    /// The defaults with `seconds` per dnsperf run, for `all`.
+    pub fn with_seconds(seconds: u32) -> Self {
+        Self {
+            seconds,
+            rounds: 2,
+            services: 100,
+            clients: 8,
+            outstanding: 100,
+            concurrency: 2,
+            out: crate::report::Output::default(),
+        }
+    }
+}
+
 fn config_yaml(services: usize) -> String {
     let mut s = String::from(
         "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n",

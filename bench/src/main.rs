@@ -60,8 +60,8 @@ enum What {
     Connections(ConnectionsArgs),
     /// Proxy RSS idle and with 1,000 and 10,000 idle connections held open through it.
     Memory(MemoryArgs),
-    /// throughput, latency, connections and memory with their defaults on one topology,
-    /// then xds and svid with theirs.
+    /// throughput, latency, connections and memory with their defaults on one topology
+    /// (memory's sizes lowered to what RLIMIT_NOFILE allows), then xds, svid and dns.
     All(Common),
     /// dnsperf against `ferry dns` and Envoy's dns_filter: federated and forwarded names.
     Dns(dns::Args),
@@ -203,9 +203,18 @@ fn main() -> anyhow::Result<()> {
                     duration: c.duration,
                     ..svid::Args::default()
                 };
+                let wanted = [1000, 10_000];
+                let sizes = scenarios::fitting_sizes(&m, &wanted);
+                if sizes != wanted {
+                    eprintln!(
+                        "memory: this machine's RLIMIT_NOFILE cannot hold {wanted:?} connections; \
+                         measuring {sizes:?}"
+                    );
+                }
+                let dns_args = dns::Args::with_seconds(c.duration.ceil().max(1.0) as u32);
                 let mem = MemoryArgs {
                     common: c,
-                    connections: vec![1000, 10_000],
+                    connections: sizes,
                     in_flight: 64,
                 };
                 // Fail now rather than after the other scenarios if memory cannot fit.
@@ -217,6 +226,7 @@ fn main() -> anyhow::Result<()> {
                     scenarios::memory(&m, &mem).await?,
                     xds::run(&xds::Args::default()).await?,
                     svid::run(&svid_args).await?,
+                    dns::run(&dns_args).await?,
                 ];
                 if let Some(path) = json {
                     let all: Vec<_> = r.iter().map(report::Report::json).collect();

@@ -142,9 +142,10 @@ impl Mesh {
         let mut zones = Vec::new();
         let mut sides = Vec::new();
         let mut negotiated = Vec::new();
-        // Two different ports: Envoy's wildcard bind would collide with ferry's VIP:port.
-        let ferry_port = service_port(&[])?;
-        let envoy_port = service_port(&[ferry_port])?;
+        // Two different ports (Envoy's wildcard bind would collide with ferry's VIP:port),
+        // both outside the ephemeral range that the memory scenario's connections fill.
+        let ferry_port = testkit::free_port();
+        let envoy_port = testkit::free_port();
         for envoy in [false, true] {
             let port = if envoy { envoy_port } else { ferry_port };
             let tls_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -328,17 +329,4 @@ fn tail(path: &Path, n: usize) -> String {
         path.display(),
         lines[lines.len().saturating_sub(n)..].join("\n")
     )
-}
-
-/// A service port Envoy can bind on every address (`0.0.0.0:PORT`), below the kernel's
-/// ephemeral range: a port from `testkit::free_port` is only free on 127.0.0.1, and after
-/// a `memory` run thousands of connections on other 127/8 addresses still hold ephemeral
-/// ports, which a wildcard bind collides with. `taken`: ports already chosen.
-fn service_port(taken: &[u16]) -> anyhow::Result<u16> {
-    let offset = (std::process::id() % 8_000) as u16;
-    (0..8_000u16)
-        .map(|i| 20_000 + (offset + i) % 8_000)
-        .filter(|p| !taken.contains(p))
-        .find(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
-        .context("no free port in 20000-27999 for the service")
 }

@@ -380,6 +380,28 @@ pub fn memory_fits(mesh: &Mesh, args: &MemoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `wanted` with each size that would not fit (see [`check_fds`]) lowered to the largest
+/// multiple of 500 that does: what `all` measures on a machine whose descriptor limit is
+/// below 10,000 held connections (the case names carry the sizes measured).
+pub fn fitting_sizes(mesh: &Mesh, wanted: &[usize]) -> Vec<usize> {
+    let fits = |n: usize| {
+        Variant::ALL
+            .iter()
+            .filter_map(|&v| mesh.pid(v).map(|pid| (v, pid)))
+            .all(|(v, pid)| check_fds(n, 2.0, v, pid).is_ok())
+    };
+    wanted
+        .iter()
+        .map(|&want| {
+            let mut n = want;
+            while n > 500 && !fits(n) {
+                n = (n - 1) / 500 * 500;
+            }
+            n
+        })
+        .collect()
+}
+
 /// After the held connections closed: waits until the proxy's open descriptors stop
 /// falling (at least a second, at most ten), so its next case starts from rest.
 async fn settle(pid: u32) {

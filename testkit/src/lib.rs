@@ -106,12 +106,36 @@ pub fn shared_tempdir() -> TempDir {
     d
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port free a moment ago on every address (so `127.0.0.1:P`, another 127/8
+/// address or `0.0.0.0:P` can all take it).
+///
+/// Ports come from 20000-32767, below the kernel's ephemeral range (32768-60999 by
+/// default), walked by a process-wide cursor from a per-process offset: a port from
+/// `bind(:0)` is an ephemeral one, which any outgoing connection may take before the child
+/// process meant to listen on it binds it (under the benches' connection churn that
+/// happened), and two tests of one process could be handed the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
+    next_port(|p| TcpListener::bind(("0.0.0.0", p)).is_ok())
+}
+
+/// A UDP port, from the same range and cursor as [`free_port`].
+pub fn free_udp_port() -> u16 {
+    next_port(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
+}
+
+fn next_port(free: impl Fn(u16) -> bool) -> u16 {
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let offset = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (BASE + (offset + i) % SPAN) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {BASE}-{}", BASE + SPAN - 1)
 }
 
 /// Polls `cond` every 20 ms until it returns true or `timeout` passes.

@@ -30,17 +30,9 @@ impl Ports {
     pub fn free() -> Self {
         Ports {
             outbound: ([0, 0, 0, 0], crate::free_port()).into(),
-            dns: ([127, 0, 0, 1], free_udp_port()).into(),
+            dns: ([127, 0, 0, 1], crate::free_udp_port()).into(),
         }
     }
-}
-
-/// A UDP port on 127.0.0.1 that was free a moment ago.
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind udp 127.0.0.1:0")
 }
 
 /// The `AgentConfig` document of trust domain `client.domain` with these listeners.
