@@ -175,6 +175,14 @@ async fn connect(port: u16) -> anyhow::Result<Client> {
     Ok(AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 << 20))
 }
 
+/// The node of stream `id` (its first request names it).
+fn node(id: usize) -> Option<Node> {
+    Some(Node {
+        id: format!("bench-{id}"),
+        ..Default::default()
+    })
+}
+
 /// A State-of-the-World stream: CDS, then EDS for every cluster, ACKing each response.
 async fn sotw_stream(
     id: usize,
@@ -186,10 +194,7 @@ async fn sotw_stream(
     let (tx, rx) = mpsc::channel(8);
     let names: Vec<String> = (0..n).map(cluster).collect();
     tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: format!("bench-{id}"),
-            ..Default::default()
-        }),
+        node: node(id),
         type_url: CDS.into(),
         ..Default::default()
     })
@@ -254,10 +259,7 @@ async fn delta_stream(
     let mut client = connect(port).await?;
     let (tx, rx) = mpsc::channel(8);
     tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: format!("bench-{id}"),
-            ..Default::default()
-        }),
+        node: node(id),
         type_url: CDS.into(),
         ..Default::default()
     })

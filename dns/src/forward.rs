@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,11 +145,18 @@ struct UdpPool {
     next: AtomicUsize,
 }
 
+/// A query waiting for its answer: the token of the query that registered the id, and
+/// where the answer goes.
+type Waiter = (u64, oneshot::Sender<Vec<u8>>);
+
 #[derive(Debug)]
 struct PooledSocket {
     sock: UdpSocket,
-    /// Queries in flight on this socket, by id.
-    pending: Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>,
+    /// Queries in flight on this socket, by id, each with the token of the query that
+    /// registered it (an id is reused as soon as it is free).
+    pending: Mutex<HashMap<u16, Waiter>>,
+    /// Source of those tokens.
+    tokens: AtomicU64,
 }
 
 impl UdpPool {
@@ -168,6 +175,7 @@ impl UdpPool {
             let s = Arc::new(PooledSocket {
                 sock: UdpSocket::from_std(std).map_err(err)?,
                 pending: Mutex::new(HashMap::new()),
+                tokens: AtomicU64::new(0),
             });
             tokio::spawn(receive(s.clone(), stop.clone()));
             sockets.push(s);
@@ -190,17 +198,22 @@ impl UdpPool {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sockets.len();
         let s = &self.sockets[i];
         let (tx, rx) = oneshot::channel();
+        let token = s.tokens.fetch_add(1, Ordering::Relaxed);
         let id = {
             let mut pending = s.pending.lock().map_err(|_| ForwardError::Poisoned)?;
             let mut id: u16 = rand::random();
             while pending.contains_key(&id) {
                 id = rand::random();
             }
-            pending.insert(id, tx);
+            pending.insert(id, (token, tx));
             id
         };
         // Whatever happens next (answer, error, timeout dropping this future), the id is freed.
-        let _slot = PendingSlot { socket: s, id };
+        let _slot = PendingSlot {
+            socket: s,
+            id,
+            token,
+        };
         let mut out = packet.to_vec();
         out[..2].copy_from_slice(&id.to_be_bytes());
         s.sock
@@ -216,15 +229,21 @@ impl UdpPool {
     }
 }
 
-/// Frees a pending id when its query ends, however it ends.
+/// Frees a pending id when its query ends, however it ends, unless the id already belongs
+/// to a newer query: once the answer took this query's entry, another query may register
+/// the same id before this one finishes, and removing that entry would leave the newer
+/// query waiting on a dropped sender (it answered SERVFAIL, "forwarder closed").
 struct PendingSlot<'a> {
     socket: &'a PooledSocket,
     id: u16,
+    token: u64,
 }
 
 impl Drop for PendingSlot<'_> {
     fn drop(&mut self) {
-        if let Ok(mut p) = self.socket.pending.lock() {
+        if let Ok(mut p) = self.socket.pending.lock()
+            && p.get(&self.id).is_some_and(|(t, _)| *t == self.token)
+        {
             p.remove(&self.id);
         }
     }
@@ -247,7 +266,7 @@ async fn receive(s: Arc<PooledSocket>, stop: CancellationToken) {
         }
         let id = u16::from_be_bytes([buf[0], buf[1]]);
         let waiter = s.pending.lock().ok().and_then(|mut p| p.remove(&id));
-        if let Some(tx) = waiter {
+        if let Some((_, tx)) = waiter {
             let _ = tx.send(buf[..n].to_vec());
         }
     }
@@ -298,4 +317,51 @@ pub fn from_resolv_conf(
         .map(|s| s.iter().map(|d| Hostname::new(d).into()).collect())
         .unwrap_or_default();
     Ok((upstreams, search))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The interleaving behind the "forwarder closed" SERVFAILs: query A's answer takes its
+    /// entry, query B registers the same id, then A's slot drops. B must still be waiting.
+    #[tokio::test]
+    async fn a_finished_query_does_not_free_a_newer_query_with_its_id() {
+        let std = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        let s = PooledSocket {
+            sock: UdpSocket::from_std(std).unwrap(),
+            pending: Mutex::new(HashMap::new()),
+            tokens: AtomicU64::new(0),
+        };
+        let id = 7;
+        let (tx_a, _rx_a) = oneshot::channel();
+        s.pending.lock().unwrap().insert(id, (0, tx_a));
+        let slot_a = PendingSlot {
+            socket: &s,
+            id,
+            token: 0,
+        };
+        // The answer to A arrives: `receive` takes A's entry.
+        drop(s.pending.lock().unwrap().remove(&id));
+        // B registers the now free id.
+        let (tx_b, mut rx_b) = oneshot::channel();
+        s.pending.lock().unwrap().insert(id, (1, tx_b));
+        drop(slot_a);
+        assert!(
+            s.pending.lock().unwrap().contains_key(&id),
+            "A's slot removed B's entry"
+        );
+        assert!(
+            rx_b.try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        // B's own slot frees it.
+        drop(PendingSlot {
+            socket: &s,
+            id,
+            token: 1,
+        });
+        assert!(s.pending.lock().unwrap().is_empty());
+    }
 }
