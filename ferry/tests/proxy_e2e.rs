@@ -148,7 +148,7 @@ async fn proxy_dns_answers_federated_names_forwards_the_rest_and_sigterm_exits_0
     )
     .await;
     let upstream = testkit::dns::Upstream::start().await.unwrap();
-    let dns = loopback(testkit::free_udp_port());
+    let dns = loopback(testkit::free_port());
     let cmd = mesh::ProxyCmd::new(&zone.socket)
         .arg("--xds", format!("http://{}", zone.xds))
         .arg("--dns", dns)

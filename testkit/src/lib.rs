@@ -106,24 +106,22 @@ pub fn shared_tempdir() -> TempDir {
     d
 }
 
-/// A TCP port free a moment ago on every address (so `127.0.0.1:P`, another 127/8
-/// address or `0.0.0.0:P` can all take it).
+/// A port free a moment ago, for TCP and UDP, on every address (so `127.0.0.1:P`,
+/// another 127/8 address or `0.0.0.0:P` can all take it).
 ///
 /// Ports come from 20000-32767, below the kernel's ephemeral range (32768-60999 by
 /// default), walked by a process-wide cursor from a per-process offset: a port from
 /// `bind(:0)` is an ephemeral one, which any outgoing connection may take before the child
 /// process meant to listen on it binds it (under the benches' connection churn that
 /// happened), and two tests of one process could be handed the same one.
+///
+/// Free for UDP as well: a DNS server binds both, and a port another process holds for
+/// UDP only (Envoy's `dns_filter` of a bench still exiting) is not free.
 pub fn free_port() -> u16 {
-    next_port(|p| TcpListener::bind(("0.0.0.0", p)).is_ok())
-}
-
-/// A UDP port, from the same range and cursor as [`free_port`].
-pub fn free_udp_port() -> u16 {
-    next_port(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
-}
-
-fn next_port(free: impl Fn(u16) -> bool) -> u16 {
+    let free = |p: u16| {
+        TcpListener::bind(("0.0.0.0", p)).is_ok()
+            && std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok()
+    };
     const BASE: u32 = 20_000;
     const SPAN: u32 = 12_000;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

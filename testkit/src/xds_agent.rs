@@ -30,7 +30,7 @@ impl Ports {
     pub fn free() -> Self {
         Ports {
             outbound: ([0, 0, 0, 0], crate::free_port()).into(),
-            dns: ([127, 0, 0, 1], crate::free_udp_port()).into(),
+            dns: ([127, 0, 0, 1], crate::free_port()).into(),
         }
     }
 }

@@ -259,7 +259,7 @@ async fn mtls_data_path_and_dns(delta: bool) {
     let port = testkit::free_port();
     let ports = Ports {
         outbound: ([0, 0, 0, 0], port).into(),
-        dns: ([127, 0, 0, 1], testkit::free_udp_port()).into(),
+        dns: ([127, 0, 0, 1], testkit::free_port()).into(),
     };
     let gw = echo_server(([127, 0, 0, 1], 0).into(), "gateway:").await;
     let doc = service_doc(

@@ -259,7 +259,7 @@ impl FerryZone {
         services: &str,
     ) -> Self {
         let xds: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
-        let dns: SocketAddr = ([127, 0, 0, 1], crate::free_udp_port()).into();
+        let dns: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
         let mut doc = crate::config::AgentDoc::in_dir(trust_domain, dir.path())
             .listen("xds", xds)
             .listen("outbound", outbound)
