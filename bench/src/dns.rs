@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use testkit::config::{AgentDoc, Gw, service_doc};
 use testkit::dns::Upstream;
 
 use crate::dnsperf::{self, Summary};
@@ -55,17 +56,15 @@ impl Args {
     }
 }
 
+/// The agent config of `services` federated names `svc<i>.demo.local.domain`.
 fn config_yaml(services: usize) -> String {
-    let mut s = String::from(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n",
-    );
-    for i in 0..services {
-        let _ = write!(
-            s,
-            "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata: {{name: svc{i}, namespace: demo, annotations: {{ferry.dev/trust-domain: local.domain}}}}\nspec: {{name: svc{i}, namespace: demo, port: 8443, spiffeIDPaths: [/ns/demo/sa/svc{i}], tlsMode: IstioMtls, gateways: [{{type: istio-eastwestgateway, port: 15443, ip: 127.0.0.10}}]}}\n"
-        );
-    }
-    s
+    let docs: String = (0..services)
+        .map(|i| {
+            let gw = [Gw("istio-eastwestgateway", "127.0.0.10", 15443)];
+            service_doc(&format!("svc{i}"), 8443, "IstioMtls", &gw)
+        })
+        .collect();
+    AgentDoc::new("client.domain").raw(&docs).render()
 }
 
 /// Envoy's DNS filter with the same table, TTL and upstream as ferry's resolver.

@@ -6,7 +6,6 @@
 //!
 //! ferry only: there is no Envoy counterpart (Envoy takes its SVIDs over SDS from an agent).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -67,7 +66,7 @@ async fn fetch_loops(
         .map(|_| {
             let ep = endpoint.to_owned();
             tokio::spawn(async move {
-                let mut h = Histogram::<u64>::new(3)?;
+                let mut h = crate::load::histogram()?;
                 while Instant::now() < end {
                     let t = fetch_once(&ep).await?;
                     h.record(t.as_micros().max(1) as u64)?;
@@ -76,7 +75,7 @@ async fn fetch_loops(
             })
         })
         .collect();
-    let mut all = Histogram::<u64>::new(3)?;
+    let mut all = crate::load::histogram()?;
     for t in tasks {
         all.add(t.await??)?;
     }
@@ -171,16 +170,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
 
     eprintln!("software CA issuance ...");
     let dir = testkit::tempdir()?;
-    let ca = attest::Authority::open(
-        attest::AuthorityConfig {
-            trust_domain: TrustDomain::parse("example.org")?,
-            state_dir: dir.path().to_owned(),
-            root_ttl: Duration::from_secs(240 * 3600),
-            ca_ttl: Duration::from_secs(24 * 3600),
-        },
-        Arc::new(attest::SoftwareKeyStore::new(dir.path().join("keys"))),
-    )
-    .context("open the software CA")?;
+    let config = attest::AuthorityConfig::new(
+        TrustDomain::parse("example.org")?,
+        dir.path().to_owned(),
+        Duration::from_secs(24 * 3600),
+    );
+    let ca = attest::Authority::open(config.clone(), config.software_keys())
+        .context("open the software CA")?;
     let id = SpiffeId::parse("spiffe://example.org/ns/bench/sa/app")?;
     let (c, i) = (ca.clone(), id.clone());
     let x509 = issue_rate(d, move || {

@@ -10,7 +10,6 @@
 //! 127.0.0.1.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -26,6 +25,8 @@ use registry::config::GatewayAddress;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+
+use testkit::config::{AgentDoc, Gw, host, service_doc};
 
 use crate::mesh::Variant;
 use crate::procs::status_kib;
@@ -72,24 +73,22 @@ pub struct ServerArgs {
     pub services: usize,
 }
 
+/// The agent config of `n` federated services `svc<i>.demo.local.domain`, half
+/// `IstioMtls`, each behind its own gateway IP.
 fn config_yaml(n: usize) -> String {
-    let mut s = String::from(
-        "apiVersion: ferry.dev/v1alpha1\nkind: AgentConfig\ntrustDomain: client.domain\n",
-    );
-    for i in 0..n {
-        let mode = if i % 2 == 0 { "IstioMtls" } else { "Mtls" };
-        let _ = write!(
-            s,
-            "---\napiVersion: registry.cofide.io/v1alpha1\nkind: FederatedService\nmetadata:\n  name: svc{i}\n  namespace: bench\n  annotations:\n    ferry.dev/trust-domain: local.domain\nspec:\n  name: svc{i}\n  namespace: bench\n  port: 8443\n  exportedTrustDomains: [client.domain]\n  spiffeIDPaths: [/ns/bench/sa/svc{i}]\n  tlsMode: {mode}\n  gateways:\n    - type: istio-eastwestgateway\n      port: 15443\n      ip: 10.{}.{}.1\n",
-            (i >> 8) & 255,
-            i & 255
-        );
-    }
-    s
+    let services: String = (0..n)
+        .map(|i| {
+            let mode = if i % 2 == 0 { "IstioMtls" } else { "Mtls" };
+            let ip = format!("10.{}.{}.1", (i >> 8) & 255, i & 255);
+            let gw = [Gw("istio-eastwestgateway", &ip, 15443)];
+            service_doc(&format!("svc{i}"), 8443, mode, &gw)
+        })
+        .collect();
+    AgentDoc::new("client.domain").raw(&services).render()
 }
 
 fn cluster(i: usize) -> String {
-    format!("svc{i}.bench.local.domain_cluster")
+    format!("{}_cluster", host(&format!("svc{i}")))
 }
 
 /// The child: builds the snapshot of `args.services` services, serves ADS on a free
@@ -138,7 +137,7 @@ pub async fn server(args: &ServerArgs) -> anyhow::Result<()> {
         };
         round = round.wrapping_add(1).max(2);
         let mut next = (**tx.borrow()).clone();
-        let host = format!("svc{k}.bench.local.domain");
+        let host = host(&format!("svc{k}"));
         let svc = next
             .services
             .iter_mut()

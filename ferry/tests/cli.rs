@@ -131,7 +131,9 @@ fn bench_runs_the_harness_next_to_ferry_or_says_how_to_build_it() {
             "latency",
             "connections",
             "memory",
+            "xds",
             "dns",
+            "svid",
             "all",
         ] {
             assert!(out.contains(scenario), "{out}");

@@ -54,11 +54,6 @@ fn take_pipe() -> io::Result<Pipe> {
     pooled.map_or_else(Pipe::new, Ok)
 }
 
-/// How many idle pipes the pool holds now (for tests).
-pub fn pooled_pipes() -> usize {
-    PIPES.lock().unwrap_or_else(|p| p.into_inner()).len()
-}
-
 /// Copies both ways between two TCP sockets with `splice(2)` until both directions end, one
 /// fails, or the connection is idle for `cfg.idle_timeout`; returns why it ended.
 ///

@@ -20,12 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 /// A CA for `example.org` keeping its state in `dir`.
 fn authority_config(dir: &std::path::Path) -> attest::AuthorityConfig {
-    attest::AuthorityConfig {
-        trust_domain: registry::spiffe::TrustDomain::parse("example.org").expect("td"),
-        state_dir: dir.to_owned(),
-        root_ttl: Duration::from_secs(240 * 3600),
-        ca_ttl: Duration::from_secs(24 * 3600),
-    }
+    attest::AuthorityConfig::new(
+        registry::spiffe::TrustDomain::parse("example.org").expect("td"),
+        dir.to_owned(),
+        Duration::from_secs(24 * 3600),
+    )
 }
 
 fn issue(c: &mut Criterion) {
