@@ -408,14 +408,14 @@ impl Direction {
 /// direction starts moving bytes and when it goes idle, for a pop or a push.
 pub mod pool {
     use std::ops::{Deref, DerefMut};
-    use std::sync::Mutex;
 
     use super::DEFAULT_BUFFER_SIZE;
+    use crate::recycle::Recycler;
 
     /// The most buffers the pool keeps (8 MiB at the default size).
     pub const MAX_POOLED: usize = 128;
 
-    static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+    static POOL: Recycler<Box<[u8]>> = Recycler::new(MAX_POOLED);
 
     /// A copy buffer that goes back to the pool when dropped, however the copy ends.
     #[derive(Debug)]
@@ -439,29 +439,20 @@ pub mod pool {
             if self.0.len() != DEFAULT_BUFFER_SIZE {
                 return;
             }
-            let buf = std::mem::take(&mut self.0);
-            // A poisoned pool only means another thread panicked mid-push: the Vec is fine.
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < MAX_POOLED {
-                pool.push(buf);
-            }
+            POOL.give(std::mem::take(&mut self.0));
         }
     }
 
     /// A buffer of `size` bytes, from the pool when it has one.
     pub fn take(size: usize) -> Buffer {
         let size = size.max(1);
-        let pooled = if size == DEFAULT_BUFFER_SIZE {
-            POOL.lock().unwrap_or_else(|p| p.into_inner()).pop()
-        } else {
-            None
-        };
+        let pooled = (size == DEFAULT_BUFFER_SIZE).then(|| POOL.take()).flatten();
         Buffer(pooled.unwrap_or_else(|| vec![0u8; size].into_boxed_slice()))
     }
 
     /// How many buffers are pooled now (for metrics and tests).
     pub fn pooled() -> usize {
-        POOL.lock().unwrap_or_else(|p| p.into_inner()).len()
+        POOL.len()
     }
 }
 

@@ -29,6 +29,7 @@ pub mod mx;
 pub mod mx_stream;
 pub mod orig_dst;
 pub mod outbound;
+pub mod recycle;
 pub mod route;
 pub mod run;
 pub mod shared;

@@ -35,6 +35,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::copy::{self, CloseReason, CopyConfig, CopyError, Idle, Side, Transferred};
+use crate::recycle::Recycler;
 
 /// The pipe size asked for with `F_SETPIPE_SZ`: 1 MiB, the default `fs.pipe-max-size`.
 ///
@@ -46,12 +47,11 @@ pub const PIPE_SIZE: usize = 1 << 20;
 pub const MAX_POOLED_PIPES: usize = 64;
 
 /// Empty pipes given back by directions that went idle, for the next burst to reuse.
-static PIPES: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+static PIPES: Recycler<Pipe> = Recycler::new(MAX_POOLED_PIPES);
 
 /// A pipe from the pool, else a new one.
 fn take_pipe() -> io::Result<Pipe> {
-    let pooled = PIPES.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    pooled.map_or_else(Pipe::new, Ok)
+    PIPES.take().map_or_else(Pipe::new, Ok)
 }
 
 /// Copies both ways between two TCP sockets with `splice(2)` until both directions end, one
@@ -310,10 +310,7 @@ impl Direction {
             return;
         };
         if self.pool && self.in_pipe == 0 {
-            let mut pool = PIPES.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < MAX_POOLED_PIPES {
-                pool.push(pipe);
-            }
+            PIPES.give(pipe);
         }
     }
 }
