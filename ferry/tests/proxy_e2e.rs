@@ -23,11 +23,6 @@ fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-fn meta_mentions(line: &str, what: &str) -> bool {
-    line.split_once("peer_meta=")
-        .is_some_and(|(_, m)| m.contains(what))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_outbound_to_ferry_inbound_exchanges_metadata_both_ways() {
     let dir = testkit::tempdir().unwrap();
@@ -78,12 +73,12 @@ async fn ferry_outbound_to_ferry_inbound_exchanges_metadata_both_ways() {
         .wait_access(Duration::from_secs(10), |l| l.contains(CLIENT_ID))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    assert!(meta_mentions(&line, "client"), "inbound: {line}");
+    assert!(mesh::meta_mentions(&line, "client"), "inbound: {line}");
     let line = outbound
         .wait_access(Duration::from_secs(10), |l| l.contains(SERVER_ID))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    assert!(meta_mentions(&line, "server"), "outbound: {line}");
+    assert!(mesh::meta_mentions(&line, "server"), "outbound: {line}");
     assert!(line.contains(&inbound_addr.to_string()), "endpoint: {line}");
 }
 

@@ -166,27 +166,10 @@ fn gateway_prereq(kind: GatewayKind) -> Option<Option<std::path::PathBuf>> {
     }
 }
 
-/// Retries `attempt` for 30 s (listeners appear as xDS and SDS settle), then panics with
-/// the last error and `logs()`.
-async fn retry<T, F, Fut>(what: &str, logs: impl Fn() -> String, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match attempt().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}\n{}", logs()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
 /// `GET /` through `addr` until the app's `200` comes back.
 async fn get_through(addr: SocketAddr, app: &HttpServer, logs: impl Fn() -> String) -> String {
     let body = app.body();
-    retry(&format!("GET via {addr}"), logs, || {
+    mesh::retry(&format!("GET via {addr}"), logs, || {
         let body = body.clone();
         async move {
             let r = mesh::plain_get(addr, HOST)
@@ -200,11 +183,6 @@ async fn get_through(addr: SocketAddr, app: &HttpServer, logs: impl Fn() -> Stri
         }
     })
     .await
-}
-
-fn meta_mentions(line: &str, what: &str) -> bool {
-    line.split_once("peer_meta=")
-        .is_some_and(|(_, m)| m.contains(what))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +245,7 @@ async fn istio_mtls_through_gateway(kind: GatewayKind) {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     assert!(
-        meta_mentions(&line, "client"),
+        mesh::meta_mentions(&line, "client"),
         "inbound: no client MX metadata: {line}"
     );
     let line = outbound
@@ -275,7 +253,7 @@ async fn istio_mtls_through_gateway(kind: GatewayKind) {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     assert!(
-        meta_mentions(&line, "server"),
+        mesh::meta_mentions(&line, "server"),
         "outbound: no server MX metadata: {line}"
     );
     assert!(
@@ -452,7 +430,7 @@ async fn mtls_through_gateway(kind: GatewayKind) {
     };
 
     let dst: SocketAddr = (vip, svc_port).into();
-    let r = retry(&format!("mTLS GET via {dst}"), logs, || {
+    let r = mesh::retry(&format!("mTLS GET via {dst}"), logs, || {
         let cfg = mesh::client_config(
             Some(mesh::svid(&ctx, CLIENT_ID)),
             mesh::roots(&ctx, TD),

@@ -211,27 +211,6 @@ async fn app_curl(pod: &Netns, url: &str) -> Result<String, String> {
     }
 }
 
-/// Retries `attempt` until it succeeds, for 30 s (xDS, SDS and listeners settle), then
-/// panics with the last error and `logs()`.
-async fn retry<T, Fut>(what: &str, logs: impl Fn() -> String, mut attempt: impl FnMut() -> Fut) -> T
-where
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + READY;
-    loop {
-        match attempt().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}\n{}", logs()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
-fn meta_mentions(line: &str, what: &str) -> bool {
-    line.split_once("peer_meta=")
-        .is_some_and(|(_, m)| m.contains(what))
-}
-
 /// A copy of the ferry binary in the shared dir (readable by the proxy's uid; its own
 /// path for a `unix:path:` selector).
 fn ferry_copy(dir: &Path, name: &str) -> PathBuf {
@@ -434,7 +413,7 @@ async fn transparent(profile: Profile) {
 
     // IstioMtls: a plain curl, nothing configured.
     let url = format!("http://{HOST}:8443/");
-    let body = retry("curl the IstioMtls service", logs, || app_curl(&pod, &url)).await;
+    let body = mesh::retry("curl the IstioMtls service", logs, || app_curl(&pod, &url)).await;
     assert_eq!(body, app.body(), "{}", logs());
     let req = app.requests().pop().unwrap();
     assert_eq!(req.header("host"), Some(&*format!("{HOST}:8443")));
@@ -442,20 +421,20 @@ async fn transparent(profile: Profile) {
         .wait_access(Duration::from_secs(10), |l| l.contains(SERVER_ID))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    assert!(meta_mentions(&line, "server"), "outbound: {line}");
+    assert!(mesh::meta_mentions(&line, "server"), "outbound: {line}");
     assert!(line.contains(":8443"), "original destination: {line}");
     assert!(line.contains(&gateway.to_string()), "endpoint: {line}");
     let line = inbound
         .wait_access(Duration::from_secs(10), |l| l.contains(CLIENT_ID))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    assert!(meta_mentions(&line, "client"), "inbound: {line}");
+    assert!(mesh::meta_mentions(&line, "client"), "inbound: {line}");
     let routed = format!(
         "{} sni={} upstream={inbound_addr}",
         mesh::GATEWAY_LOG_TAG,
         mesh::auto_passthrough_sni(8443, HOST)
     );
-    retry("the gateway's access line", logs, || {
+    mesh::retry("the gateway's access line", logs, || {
         let seen = if envoy_gw.log().contains(&routed) {
             Ok(())
         } else {
@@ -479,7 +458,7 @@ async fn transparent(profile: Profile) {
         "{MTLS_HOST} resolved to {vip}, not a VIP"
     );
     let dst = SocketAddr::new(vip, 9443);
-    let r = retry("mTLS GET through the capture", logs, || {
+    let r = mesh::retry("mTLS GET through the capture", logs, || {
         let cfg = mesh::client_config(
             Some(mesh::svid(&ctx, MTLS_CLIENT_ID)),
             mesh::roots(&ctx, TD),
@@ -514,7 +493,7 @@ async fn transparent(profile: Profile) {
     // A plain loopback service in the pod still answers (captured and connected to
     // directly under `cofide`; not captured at all under `istio`).
     let redis = HttpServer::serve("redis", listen_in(&pod, "127.0.0.1:6379")).unwrap();
-    let body = retry("curl the pod's loopback service", logs, || {
+    let body = mesh::retry("curl the pod's loopback service", logs, || {
         app_curl(&pod, "http://127.0.0.1:6379/")
     })
     .await;

@@ -214,6 +214,33 @@ impl ProxyCmd {
     }
 }
 
+/// Whether an access-log line's `peer_meta=` (the peer's metadata-exchange fields) names
+/// `what`.
+pub fn meta_mentions(line: &str, what: &str) -> bool {
+    line.split_once("peer_meta=")
+        .is_some_and(|(_, m)| m.contains(what))
+}
+
+/// Retries `attempt` every 250 ms for 30 s (listeners, xDS and SDS settle after start),
+/// then panics with `what`, the last error and `logs()`.
+pub async fn retry<T, Fut>(
+    what: &str,
+    logs: impl Fn() -> String,
+    mut attempt: impl FnMut() -> Fut,
+) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e}\n{}", logs()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// The value of ` key=` in a tracing text line: a quoted value up to the next `"` (an
 /// escaped quote inside ends it early), else up to the next space; `None` if absent.
 pub fn log_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
